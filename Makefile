@@ -1,0 +1,51 @@
+# clawback: the single entry point for developers and CI (.ci/run calls `make test`).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PROTOS := $(wildcard protos/clawback/v1/*.proto)
+
+.PHONY: setup demo test test-fast lint typecheck importlint protos protos-check bench bench-quick clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml deploy/scripts/system-deps.sh
+	@sh deploy/scripts/system-deps.sh
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+demo: setup
+	$(BIN)/python -m deploy.demo
+
+test: setup
+	$(BIN)/python -m pytest tests
+
+test-fast: setup
+	$(BIN)/python -m pytest tests -m "not integration"
+
+lint: setup
+	$(BIN)/ruff check core agent coordinator tests bench deploy
+	$(BIN)/ruff format --check core agent coordinator tests bench deploy
+
+typecheck: setup
+	$(BIN)/mypy core agent coordinator
+
+importlint: setup
+	$(BIN)/lint-imports
+
+# Regenerate the committed gRPC/protobuf code (and .pyi stubs) from protos/.
+protos: setup
+	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. \
+		--plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy --mypy_out=. \
+		--plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc --mypy_grpc_out=. $(PROTOS)
+
+bench: setup
+	$(BIN)/python -m bench.run
+
+bench-quick: setup
+	$(BIN)/python -m bench.run --quick
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -1,0 +1,108 @@
+"""The sealed blob envelope (design.md §Blob envelope): compress, then AEAD-encrypt with a named key.
+
+    offset  size  field
+    0       1     version (1)
+    1       1     flags: bit 0 = zstd-compressed, other bits 0
+    2       1     blob type (1 data, 2 tree)
+    3       1     cipher (1 = aes256-gcm)
+    4       16    key id: names the data key that sealed the blob
+    20      12    nonce, random per blob
+    32      n     ciphertext
+    32+n    16    GCM tag
+    AAD = bytes 0..31 (the header) || blob id (32 bytes)
+
+Binding the blob id into the AAD means a blob cannot be served under
+another id; after opening, the caller re-derives the id from the plaintext.
+The coordinator never imports this module.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Callable
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from core.compression import Compressor, decompress
+from core.errors import IntegrityError, KeyMaterialError
+from core.format import ID_SIZE, KEY_ID_SIZE, MAX_BLOB_SIZE
+
+VERSION = 1
+FLAG_COMPRESSED = 0x01
+CIPHER_AES256_GCM = 1
+HEADER = struct.Struct("<BBBB16s12s")
+HEADER_SIZE = HEADER.size  # 32
+TAG_SIZE = 16
+OVERHEAD = HEADER_SIZE + TAG_SIZE
+CIPHERS = {"aes256-gcm": CIPHER_AES256_GCM}
+
+
+class SealingKey:
+    """A data key ready to seal and open blobs (AES-256-GCM)."""
+
+    __slots__ = ("_aead", "key_id")
+
+    def __init__(self, key_id: bytes, key: bytes) -> None:
+        if len(key_id) != KEY_ID_SIZE or len(key) != 32:
+            raise KeyMaterialError("a data key is 32 bytes with a 16-byte key id")
+        self.key_id = key_id
+        self._aead = AESGCM(key)
+
+
+def seal(
+    key: SealingKey,
+    blob_id: bytes,
+    blob_type: int,
+    plaintext: bytes | memoryview,
+    compressor: Compressor | None,
+) -> bytes:
+    """Compress (when it helps) and encrypt one blob into its envelope."""
+    packed = compressor.compress(plaintext) if compressor is not None else None
+    flags = FLAG_COMPRESSED if packed is not None else 0
+    nonce = os.urandom(12)
+    header = HEADER.pack(VERSION, flags, blob_type, CIPHER_AES256_GCM, key.key_id, nonce)
+    body = packed if packed is not None else plaintext
+    return header + key._aead.encrypt(nonce, body, header + blob_id)
+
+
+def key_id_of(envelope: bytes | memoryview) -> bytes:
+    """The key id an envelope names, without opening it."""
+    if len(envelope) < OVERHEAD:
+        raise IntegrityError("blob envelope is truncated")
+    return bytes(envelope[4:20])
+
+
+def open_(
+    lookup: Callable[[bytes], SealingKey],
+    blob_id: bytes,
+    blob_type: int,
+    envelope: bytes | memoryview,
+    max_size: int = MAX_BLOB_SIZE,
+) -> bytes:
+    """Authenticate, decrypt and decompress one envelope; `lookup` maps a key id to its key.
+
+    Raises IntegrityError if the envelope was altered, names another blob id or
+    type, or is malformed; KeyMaterialError if its key is not available.
+    """
+    if len(envelope) < OVERHEAD:
+        raise IntegrityError(f"blob {blob_id.hex()[:16]}: envelope truncated ({len(envelope)} bytes)")
+    if len(blob_id) != ID_SIZE:
+        raise IntegrityError("blob id must be 32 bytes")
+    version, flags, btype, cipher, key_id, nonce = HEADER.unpack_from(envelope)
+    if version != VERSION or cipher != CIPHER_AES256_GCM or flags & ~FLAG_COMPRESSED:
+        raise IntegrityError(f"blob {blob_id.hex()[:16]}: unknown envelope version/cipher/flags")
+    if btype != blob_type:
+        raise IntegrityError(f"blob {blob_id.hex()[:16]}: type {btype} where {blob_type} was expected")
+    key = lookup(key_id)
+    view = memoryview(envelope)
+    try:
+        body = key._aead.decrypt(nonce, view[HEADER_SIZE:], bytes(view[:HEADER_SIZE]) + blob_id)
+    except InvalidTag:
+        raise IntegrityError(
+            f"blob {blob_id.hex()[:16]}: authentication failed (damaged, or sealed under another key)"
+        ) from None
+    if flags & FLAG_COMPRESSED:
+        return decompress(body, max_size)
+    return body

@@ -1,0 +1,57 @@
+"""Repository format v1: constants, algorithm names and the repository config (design.md §Repository)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+from core.errors import IntegrityError
+
+FORMAT_VERSION = 1
+ID_SIZE = 32  # a blob id: keyed BLAKE3 of the plaintext
+KEY_ID_SIZE = 16
+MAX_BLOB_SIZE = 16 * 1024 * 1024  # largest sealed blob accepted (chunk max 4 MiB + slack for trees)
+MAX_MESSAGE_SIZE = 24 * 1024 * 1024  # gRPC send/receive limit on both sides
+MAX_IDS_PER_QUERY = 65536
+TREE_PART_SIZE = 4 * 1024 * 1024  # a serialized tree larger than this is split into parts
+
+DEFAULT_CHUNKER = "fastcdc-1m"
+DEFAULT_COMPRESSION = "zstd-3"
+DEFAULT_CIPHER = "aes256-gcm"
+ID_ALGORITHM = "blake3-keyed"
+
+
+@dataclass(frozen=True)
+class RepoConfig:
+    """The repository's `config` object: everything an agent must agree on."""
+
+    repo_id: str
+    chunker: str = DEFAULT_CHUNKER
+    compression: str = DEFAULT_COMPRESSION
+    cipher: str = DEFAULT_CIPHER
+    id_algorithm: str = ID_ALGORITHM
+    key_check: str = ""  # hex; MAC of a constant under the id key
+    version: int = FORMAT_VERSION
+    created_ns: int = 0
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True, indent=1).encode() + b"\n"
+
+    @classmethod
+    def from_json(cls, data: bytes) -> RepoConfig:
+        try:
+            raw = json.loads(data)
+            cfg = cls(**raw)
+        except (ValueError, TypeError) as exc:
+            raise IntegrityError(f"repository config is unreadable: {exc}") from exc
+        if cfg.version != FORMAT_VERSION:
+            raise IntegrityError(
+                f"repository format version {cfg.version} is not supported (this build reads {FORMAT_VERSION})"
+            )
+        return cfg
+
+
+def new_repo_id() -> str:
+    return os.urandom(16).hex()

@@ -1,0 +1,114 @@
+"""Protocol v1 plumbing both sides share: message limits, id lists, bitmaps, and error <-> status mapping."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import grpc
+
+from core import errors
+from core.format import ID_SIZE, MAX_IDS_PER_QUERY, MAX_MESSAGE_SIZE
+
+# Keepalives let a dialling agent notice a dead link within ~30 s even when idle.
+CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_SIZE),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_SIZE),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+SERVER_OPTIONS: list[tuple[str, int | str]] = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_SIZE),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_SIZE),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 0),
+]
+
+
+def pack_ids(ids: Iterable[bytes]) -> bytes:
+    return b"".join(ids)
+
+
+def unpack_ids(blob: bytes, limit: int = MAX_IDS_PER_QUERY) -> list[bytes]:
+    """Split concatenated ids; raises UsageError for a ragged or oversized list."""
+    if len(blob) % ID_SIZE:
+        raise errors.UsageError(f"id list length {len(blob)} is not a multiple of {ID_SIZE}")
+    n = len(blob) // ID_SIZE
+    if n > limit:
+        raise errors.UsageError(f"{n} ids in one request; the limit is {limit}")
+    return [blob[i : i + ID_SIZE] for i in range(0, len(blob), ID_SIZE)]
+
+
+def make_bitmap(flags: Sequence[bool]) -> bytes:
+    out = bytearray((len(flags) + 7) // 8)
+    for i, f in enumerate(flags):
+        if f:
+            out[i >> 3] |= 1 << (i & 7)
+    return bytes(out)
+
+
+def read_bitmap(bitmap: bytes, n: int) -> list[bool]:
+    if len(bitmap) < (n + 7) // 8:
+        raise errors.TransportError("bitmap shorter than the id list it answers")
+    return [bool(bitmap[i >> 3] >> (i & 7) & 1) for i in range(n)]
+
+
+_TO_STATUS: list[tuple[type[errors.ClawbackError], grpc.StatusCode]] = [
+    (errors.UsageError, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.ConfigError, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.NotFound, grpc.StatusCode.NOT_FOUND),
+    (errors.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
+    (errors.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (errors.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.KeyMaterialError, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.RepositoryMissing, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.IntegrityError, grpc.StatusCode.DATA_LOSS),
+    (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (errors.TransportError, grpc.StatusCode.UNAVAILABLE),
+]
+
+# A prefix on the status detail lets the other side rebuild the same error class.
+_CLASS_TAG = {cls: cls.__name__ for cls, _ in _TO_STATUS}
+_BY_TAG = {name: cls for cls, name in _CLASS_TAG.items()}
+
+
+def status_for(exc: errors.ClawbackError) -> tuple[grpc.StatusCode, str]:
+    for cls, code in _TO_STATUS:
+        if isinstance(exc, cls):
+            return code, f"[{type(exc).__name__ if type(exc).__name__ in _BY_TAG else cls.__name__}] {exc}"
+    return grpc.StatusCode.INTERNAL, str(exc)
+
+
+_FROM_STATUS: dict[grpc.StatusCode, type[errors.ClawbackError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: errors.UsageError,
+    grpc.StatusCode.NOT_FOUND: errors.NotFound,
+    grpc.StatusCode.ALREADY_EXISTS: errors.AlreadyExists,
+    grpc.StatusCode.PERMISSION_DENIED: errors.PermissionDenied,
+    grpc.StatusCode.UNAUTHENTICATED: errors.PermissionDenied,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.ResourceExhausted,
+    grpc.StatusCode.DATA_LOSS: errors.IntegrityError,
+    grpc.StatusCode.UNAVAILABLE: errors.Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: errors.TransportError,
+    grpc.StatusCode.CANCELLED: errors.TransportError,
+}
+
+
+def error_from_rpc(exc: grpc.RpcError, what: str = "") -> errors.ClawbackError:
+    """Translate a gRPC failure into the ClawbackError the server meant (or the closest)."""
+    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    detail = (exc.details() if hasattr(exc, "details") else "") or ""
+    cls: type[errors.ClawbackError] = errors.ClawbackError
+    if detail.startswith("[") and "] " in detail:
+        tag, rest = detail[1:].split("] ", 1)
+        if tag in _BY_TAG:
+            cls, detail = _BY_TAG[tag], rest
+    else:
+        cls = _FROM_STATUS.get(code, errors.ClawbackError)
+    if code == grpc.StatusCode.UNAVAILABLE and not detail.startswith("coordinator"):
+        detail = f"coordinator unreachable: {detail}"
+    msg = f"{what}: {detail}" if what else detail
+    if cls is errors.ConfigError:
+        cls = errors.UsageError
+    return cls(msg)
