@@ -69,7 +69,9 @@ class Chunker:
         remaining = size
         carry = b""
         while True:
-            block = os.read(fd, min(self.read_size - len(carry), remaining)) if remaining > 0 else b""
+            block = (
+                os.read(fd, min(self.read_size - len(carry), remaining)) if remaining > 0 else b""
+            )
             remaining -= len(block)
             data = carry + block if carry else block
             if not data:

@@ -50,7 +50,9 @@ class Table:
             raise self.error(key, "must not be empty")
         return value
 
-    def int(self, key: str, default: Any = _MISSING, min: int | None = None, max: int | None = None) -> Any:
+    def int(
+        self, key: str, default: Any = _MISSING, min: int | None = None, max: int | None = None
+    ) -> Any:
         value = self._get(key, default, int, "an integer")
         if isinstance(value, int):
             if min is not None and value < min:
@@ -79,7 +81,7 @@ class Table:
     def path(self, key: str, default: Any = _MISSING, base: Path | None = None) -> Any:
         """A path; relative paths are taken relative to the config file's directory."""
         value = self.str(key, default)
-        if value is None or value is default and not isinstance(value, str):
+        if not isinstance(value, str):
             return value
         p = Path(value)
         if not p.is_absolute():
@@ -120,7 +122,9 @@ def load(path: str | Path) -> Table:
     except PermissionError:
         raise ConfigError(str(p), "", "file is not readable") from None
     except UnicodeDecodeError as exc:
-        raise ConfigError(str(p), "", f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        raise ConfigError(
+            str(p), "", f"not UTF-8 text ({exc.reason} at byte {exc.start})"
+        ) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(str(p), "", f"not valid TOML: {exc}") from None
     return Table(data, str(p))

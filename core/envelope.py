@@ -87,14 +87,18 @@ def open_(
     type, or is malformed; KeyMaterialError if its key is not available.
     """
     if len(envelope) < OVERHEAD:
-        raise IntegrityError(f"blob {blob_id.hex()[:16]}: envelope truncated ({len(envelope)} bytes)")
+        raise IntegrityError(
+            f"blob {blob_id.hex()[:16]}: envelope truncated ({len(envelope)} bytes)"
+        )
     if len(blob_id) != ID_SIZE:
         raise IntegrityError("blob id must be 32 bytes")
     version, flags, btype, cipher, key_id, nonce = HEADER.unpack_from(envelope)
     if version != VERSION or cipher != CIPHER_AES256_GCM or flags & ~FLAG_COMPRESSED:
         raise IntegrityError(f"blob {blob_id.hex()[:16]}: unknown envelope version/cipher/flags")
     if btype != blob_type:
-        raise IntegrityError(f"blob {blob_id.hex()[:16]}: type {btype} where {blob_type} was expected")
+        raise IntegrityError(
+            f"blob {blob_id.hex()[:16]}: type {btype} where {blob_type} was expected"
+        )
     key = lookup(key_id)
     view = memoryview(envelope)
     try:

@@ -119,7 +119,9 @@ def create_key_file(path: str | os.PathLike[str], repo_id: str = "") -> bytes:
     try:
         fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
-        raise KeyMaterialError(f"key file {p} already exists; refusing to overwrite key material") from None
+        raise KeyMaterialError(
+            f"key file {p} already exists; refusing to overwrite key material"
+        ) from None
     with os.fdopen(fd, "wb") as f:
         f.write(body)
         f.flush()

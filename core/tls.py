@@ -32,7 +32,9 @@ class TlsFiles:
             try:
                 out.append(p.read_bytes())
             except OSError as exc:
-                raise ConfigError(str(p), f"{what}.{name}", f"cannot read: {exc.strerror}") from None
+                raise ConfigError(
+                    str(p), f"{what}.{name}", f"cannot read: {exc.strerror}"
+                ) from None
         return out[0], out[1], out[2]
 
 
@@ -68,9 +70,13 @@ def peer_identity(auth_context: dict[str, list[bytes]]) -> Identity:
 
 def server_credentials(files: TlsFiles) -> grpc.ServerCredentials:
     ca, cert, key = files.read()
-    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True)
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=ca, require_client_auth=True
+    )
 
 
 def channel_credentials(files: TlsFiles) -> grpc.ChannelCredentials:
     ca, cert, key = files.read()
-    return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+    return grpc.ssl_channel_credentials(
+        root_certificates=ca, private_key=key, certificate_chain=cert
+    )

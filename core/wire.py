@@ -77,7 +77,10 @@ _BY_TAG = {name: cls for cls, name in _CLASS_TAG.items()}
 def status_for(exc: errors.ClawbackError) -> tuple[grpc.StatusCode, str]:
     for cls, code in _TO_STATUS:
         if isinstance(exc, cls):
-            return code, f"[{type(exc).__name__ if type(exc).__name__ in _BY_TAG else cls.__name__}] {exc}"
+            return (
+                code,
+                f"[{type(exc).__name__ if type(exc).__name__ in _BY_TAG else cls.__name__}] {exc}",
+            )
     return grpc.StatusCode.INTERNAL, str(exc)
 
 

@@ -1,0 +1,1 @@
+"""The clawback agent: the node daemon that backs up and restores its sources."""

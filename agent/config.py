@@ -1,0 +1,101 @@
+"""The agent's TOML config: where the coordinator is, its TLS files, its key provider and its sources."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from core import config as cfgio
+from core.tls import TlsFiles
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+SOURCE_KINDS = ("volume",)  # "redis", "command" come with their capabilities
+DRIVERS = ("none",)  # point-in-time drivers come with the consistent cut
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    name: str
+    kind: str
+    path: Path
+    driver: str = "none"
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    file: str
+    state_dir: Path
+    coordinator: str
+    tls: TlsFiles
+    key_provider: str
+    key_file: Path | None
+    sources: tuple[SourceConfig, ...]
+    workers: int = 2
+    log_level: str = "info"
+    heartbeat_s: float = 10.0
+
+    def source(self, name: str) -> SourceConfig | None:
+        return next((s for s in self.sources if s.name == name), None)
+
+
+def load_config(path: str | Path) -> AgentConfig:
+    """Parse and validate an agent config; every error names the file, the key and the reason."""
+    root = cfgio.load(path)
+    agent = root.table("agent")
+    state_dir = agent.path("state_dir", "/var/lib/clawback-agent")
+    log_level = agent.str("log_level", "info", choices=("debug", "info", "warning", "error"))
+    agent.done()
+
+    coord = root.table("coordinator", required=True)
+    address = coord.str("address")
+    if ":" not in address:
+        raise coord.error("address", f"must be HOST:PORT, not {address!r}")
+    coord.done()
+
+    tls = root.table("tls", required=True)
+    tls_files = TlsFiles(tls.path("ca"), tls.path("cert"), tls.path("key"))
+    tls.done()
+
+    keys = root.table("keys", required=True)
+    provider = keys.str("provider", "file", choices=("file",))
+    key_file = keys.path("file") if provider == "file" else None
+    keys.done()
+
+    perf = root.table("performance")
+    workers = perf.int("workers", 2, min=1, max=64)
+    perf.done()
+
+    sources: list[SourceConfig] = []
+    seen: set[str] = set()
+    for t in root.tables("source"):
+        name = t.str("name")
+        if not _NAME.match(name):
+            raise t.error("name", f"{name!r} is not a valid source name (letters, digits, _ . -)")
+        if name in seen:
+            raise t.error("name", f"source {name!r} is defined twice")
+        seen.add(name)
+        kind = t.str("kind", "volume")
+        if kind not in SOURCE_KINDS:
+            raise t.error(
+                "kind",
+                f"source kind {kind!r} is not supported by this agent (supported: {', '.join(SOURCE_KINDS)})",
+            )
+        p = t.str("path")
+        if not p.startswith("/"):
+            raise t.error("path", f"must be an absolute path, not {p!r}")
+        driver = t.str("driver", "none", choices=DRIVERS)
+        t.done()
+        sources.append(SourceConfig(name, kind, Path(p), driver))
+    root.done()
+    return AgentConfig(
+        file=str(path),
+        state_dir=state_dir,
+        coordinator=address,
+        tls=tls_files,
+        key_provider=provider,
+        key_file=key_file,
+        sources=tuple(sources),
+        workers=workers,
+        log_level=log_level,
+    )

@@ -1,0 +1,340 @@
+"""The agent's control loop: dial the coordinator, register, run the commands it pushes, reconnect on failure."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from agent.backup import run_backup
+from agent.client import GrpcRepoClient, open_channel
+from agent.config import AgentConfig
+from agent.restore import run_restore
+from core import PROTOCOL_VERSION, __version__, errors, systemd
+from core.chunkid import key_check
+from core.clock import SYSTEM, Clock
+from core.format import RepoConfig
+from core.keys import KeyProvider
+from core.wire import error_from_rpc
+from protos.clawback.v1 import agent_pb2, agent_pb2_grpc, common_pb2
+
+log = logging.getLogger("clawback.agent")
+
+CAPABILITIES = ("backup.volume.v1", "restore.v1")
+PROGRESS_EVERY_S = 0.5
+BACKOFF_MIN_S, BACKOFF_MAX_S = 0.5, 30.0
+
+
+def repo_config_from_wire(msg: common_pb2.RepoConfig) -> RepoConfig:
+    return RepoConfig(
+        repo_id=msg.repo_id,
+        chunker=msg.chunker,
+        compression=msg.compression,
+        cipher=msg.cipher,
+        id_algorithm=msg.id_algorithm,
+        key_check=msg.key_check.hex(),
+        version=msg.version,
+    )
+
+
+class Session:
+    """One connected control stream: its outgoing queue and the jobs it runs."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.outgoing: asyncio.Queue[agent_pb2.AgentMessage] = asyncio.Queue()
+        self.jobs: dict[str, asyncio.Task[None]] = {}
+
+    def send(self, msg: agent_pb2.AgentMessage) -> None:
+        """Queue a message; safe from worker threads (callbacks keep their order)."""
+        self.loop.call_soon_threadsafe(self.outgoing.put_nowait, msg)
+
+    def update(self, job_id: str, state: int, **fields: Any) -> None:
+        self.send(
+            agent_pb2.AgentMessage(
+                job_update=agent_pb2.JobUpdate(job_id=job_id, state=state, **fields)
+            )
+        )
+
+
+class AgentDaemon:
+    def __init__(self, config: AgentConfig, keys: KeyProvider, clock: Clock = SYSTEM) -> None:
+        self.config = config
+        self.keys = keys
+        self.clock = clock
+        self.hostname = socket.gethostname()
+        self._ready_notified = False
+
+    async def run(self) -> None:
+        """Serve until cancelled; reconnect with jittered exponential backoff."""
+        backoff = BACKOFF_MIN_S
+        while True:
+            try:
+                await self._connect_once()
+                backoff = BACKOFF_MIN_S
+            except (errors.KeyMaterialError, errors.PermissionDenied):
+                raise  # not fixed by retrying: the operator must act
+            except errors.ClawbackError as exc:
+                log.warning("coordinator session ended: %s; retrying in %.1fs", exc, backoff)
+            await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
+            backoff = min(backoff * 2, BACKOFF_MAX_S)
+
+    async def _connect_once(self) -> None:
+        channel = open_channel(self.config.coordinator, self.config.tls)
+        session = Session(asyncio.get_running_loop())
+        try:
+            stub = agent_pb2_grpc.AgentServiceStub(channel)
+            repo = GrpcRepoClient(channel)
+            hello = agent_pb2.Hello(
+                protocol_version=PROTOCOL_VERSION,
+                agent_version=__version__,
+                capabilities=CAPABILITIES,
+                sources=[
+                    common_pb2.SourceSpec(
+                        name=s.name,
+                        kind=common_pb2.SOURCE_KIND_VOLUME,
+                        path=str(s.path),
+                        driver=s.driver,
+                    )
+                    for s in self.config.sources
+                ],
+                hostname=self.hostname,
+                key_check=key_check(self.keys.id_key()),
+            )
+
+            async def requests() -> AsyncIterator[agent_pb2.AgentMessage]:
+                yield agent_pb2.AgentMessage(hello=hello)
+                while True:
+                    yield await session.outgoing.get()
+
+            call = stub.Control(requests())
+            try:
+                first = await call.read()
+                if first is grpc.aio.EOF or not first.HasField("welcome"):
+                    raise errors.TransportError(
+                        "coordinator closed the control stream without a Welcome"
+                    )
+                welcome = first.welcome
+                repo_cfg = repo_config_from_wire(welcome.repo)
+                log.info(
+                    "registered as %s with coordinator %s (repository %s, capabilities %s)",
+                    welcome.agent,
+                    self.config.coordinator,
+                    repo_cfg.repo_id,
+                    ",".join(welcome.capabilities),
+                )
+                if not self._ready_notified:
+                    systemd.notify("READY=1")
+                    self._ready_notified = True
+                systemd.notify(f"STATUS=connected to {self.config.coordinator} as {welcome.agent}")
+                heartbeat = asyncio.create_task(
+                    self._heartbeats(session, welcome.heartbeat_interval_s or 10)
+                )
+                try:
+                    async for msg in call:
+                        if msg.HasField("command"):
+                            self._dispatch(session, repo, repo_cfg, welcome.agent, msg.command)
+                finally:
+                    heartbeat.cancel()
+                raise errors.TransportError("coordinator ended the control stream")
+            except grpc.RpcError as exc:
+                raise error_from_rpc(exc, "control stream") from exc
+        finally:
+            for task in session.jobs.values():
+                task.cancel()
+            await asyncio.gather(*session.jobs.values(), return_exceptions=True)
+            await channel.close(grace=None)
+
+    async def _heartbeats(self, session: Session, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            session.send(
+                agent_pb2.AgentMessage(
+                    heartbeat=agent_pb2.Heartbeat(
+                        sent_ns=self.clock.now_ns(), running_jobs=list(session.jobs)
+                    )
+                )
+            )
+
+    def _dispatch(
+        self,
+        session: Session,
+        repo: GrpcRepoClient,
+        repo_cfg: RepoConfig,
+        me: str,
+        cmd: agent_pb2.Command,
+    ) -> None:
+        kind = cmd.WhichOneof("cmd")
+        if kind == "cancel":
+            task = session.jobs.get(cmd.job_id)
+            if task is not None:
+                task.cancel()
+            return
+        if kind not in ("backup", "restore"):
+            session.update(
+                cmd.job_id,
+                common_pb2.JOB_STATE_FAILED,
+                error=f"command {kind!r} is not supported by this agent",
+            )
+            return
+        if cmd.job_id in session.jobs:
+            return  # a duplicate delivery
+        coro = (
+            self._backup(session, repo, repo_cfg, me, cmd)
+            if kind == "backup"
+            else self._restore(session, repo, repo_cfg, cmd)
+        )
+        task = asyncio.create_task(coro)
+        session.jobs[cmd.job_id] = task
+        task.add_done_callback(lambda _t, j=cmd.job_id: session.jobs.pop(j, None))
+
+    def _progress_sink(self, session: Session, job_id: str) -> Any:
+        last = [0.0]
+
+        def on_progress(p: common_pb2.Progress) -> None:
+            now = self.clock.monotonic()
+            if now - last[0] >= PROGRESS_EVERY_S:
+                last[0] = now
+                session.update(job_id, common_pb2.JOB_STATE_RUNNING, progress=p)
+
+        return on_progress
+
+    async def _backup(
+        self,
+        session: Session,
+        repo: GrpcRepoClient,
+        repo_cfg: RepoConfig,
+        me: str,
+        cmd: agent_pb2.Command,
+    ) -> None:
+        job_id, b = cmd.job_id, cmd.backup
+        src = self.config.source(b.source)
+        if src is None:
+            session.update(
+                job_id, common_pb2.JOB_STATE_FAILED, error=f"agent has no source {b.source!r}"
+            )
+            return
+        session.update(job_id, common_pb2.JOB_STATE_RUNNING)
+        log.info("job %s: backing up source %s (%s)", job_id, src.name, src.path)
+        try:
+            if not src.path.is_dir():
+                raise errors.NotFound(f"source {src.name}: {src.path} is not a directory")
+            result = await run_backup(
+                repo,
+                self.keys,
+                repo_cfg,
+                src.path,
+                agent=me,
+                source=src.name,
+                job_id=job_id,
+                cache_dir=self.config.state_dir / "cache",
+                parent=b.parent,
+                tags=list(b.tags),
+                hostname=self.hostname,
+                on_progress=self._progress_sink(session, job_id),
+                workers=self.config.workers,
+                clock=self.clock,
+            )
+        except asyncio.CancelledError:
+            session.update(job_id, common_pb2.JOB_STATE_CANCELLED, error="cancelled")
+            raise
+        except errors.ClawbackError as exc:
+            log.error("job %s: backup failed: %s", job_id, exc)
+            session.update(job_id, common_pb2.JOB_STATE_FAILED, error=str(exc))
+            return
+        except Exception as exc:  # a bug: report it rather than die silently
+            log.exception("job %s: backup crashed", job_id)
+            session.update(job_id, common_pb2.JOB_STATE_FAILED, error=f"internal error: {exc!r}")
+            return
+        state = common_pb2.JOB_STATE_PARTIAL if result.partial else common_pb2.JOB_STATE_SUCCEEDED
+        log.info(
+            "job %s: snapshot %s committed (%s)",
+            job_id,
+            result.info.id,
+            "partial" if result.partial else "complete",
+        )
+        session.update(
+            job_id,
+            state,
+            snapshot_id=result.info.id,
+            warnings=result.warnings[:100],
+            progress=_final_progress(result.info),
+        )
+
+    async def _restore(
+        self, session: Session, repo: GrpcRepoClient, repo_cfg: RepoConfig, cmd: agent_pb2.Command
+    ) -> None:
+        job_id, r = cmd.job_id, cmd.restore
+        session.update(job_id, common_pb2.JOB_STATE_RUNNING)
+        log.info("job %s: restoring snapshot %s to %s", job_id, r.snapshot.id, r.target)
+        try:
+            result = await run_restore(
+                repo,
+                self.keys,
+                repo_cfg,
+                r.snapshot,
+                _target_path(r.target),
+                job_id=job_id,
+                paths=list(r.paths),
+                overwrite=r.overwrite,
+                on_progress=self._progress_sink(session, job_id),
+                workers=self.config.workers,
+            )
+        except asyncio.CancelledError:
+            session.update(job_id, common_pb2.JOB_STATE_CANCELLED, error="cancelled")
+            raise
+        except errors.ClawbackError as exc:
+            log.error("job %s: restore failed: %s", job_id, exc)
+            session.update(job_id, common_pb2.JOB_STATE_FAILED, error=str(exc))
+            return
+        except Exception as exc:
+            log.exception("job %s: restore crashed", job_id)
+            session.update(job_id, common_pb2.JOB_STATE_FAILED, error=f"internal error: {exc!r}")
+            return
+        progress = common_pb2.Progress(
+            files_done=result.files,
+            files_total=result.files,
+            bytes_done=result.bytes,
+            bytes_total=result.bytes,
+            errors=len(result.errors),
+        )
+        if result.errors:
+            log.warning("job %s: restore finished with %d errors", job_id, len(result.errors))
+            session.update(
+                job_id,
+                common_pb2.JOB_STATE_PARTIAL,
+                snapshot_id=r.snapshot.id,
+                warnings=result.errors[:100],
+                progress=progress,
+                error=f"{len(result.errors)} entries could not be restored",
+            )
+        else:
+            session.update(
+                job_id, common_pb2.JOB_STATE_SUCCEEDED, snapshot_id=r.snapshot.id, progress=progress
+            )
+
+
+def _final_progress(info: common_pb2.SnapshotInfo) -> common_pb2.Progress:
+    s = info.stats
+    return common_pb2.Progress(
+        files_done=s.files,
+        files_total=s.files,
+        bytes_done=s.bytes,
+        bytes_total=s.bytes,
+        bytes_uploaded=s.bytes_new,
+        blobs_new=s.blobs_new,
+        files_unchanged=s.files_unchanged,
+        errors=s.errors,
+    )
+
+
+def _target_path(target: str) -> Path:
+    if not target.startswith("/"):
+        raise errors.UsageError(f"restore target must be an absolute path, not {target!r}")
+    return Path(target)

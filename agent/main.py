@@ -1,0 +1,63 @@
+"""`clawback-agent`: run the node daemon from its config file."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from agent.config import AgentConfig, load_config
+from agent.daemon import AgentDaemon
+from core import __version__, errors, systemd
+from core.keys import FileKeyProvider, KeyProvider
+
+
+def make_key_provider(config: AgentConfig) -> KeyProvider:
+    if config.key_provider == "file" and config.key_file is not None:
+        return FileKeyProvider(config.key_file)
+    raise errors.ConfigError(
+        config.file, "keys.provider", f"unsupported provider {config.key_provider!r}"
+    )
+
+
+async def _serve(daemon: AgentDaemon) -> None:
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        await daemon.run()
+    except asyncio.CancelledError:
+        systemd.notify("STOPPING=1")
+        logging.getLogger("clawback.agent").info("stopping")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="clawback-agent", description="clawback node agent")
+    ap.add_argument("--config", required=True, help="agent TOML config file")
+    ap.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    ap.add_argument("--version", action="version", version=f"clawback-agent {__version__}")
+    args = ap.parse_args(argv)
+    try:
+        config = load_config(args.config)
+        logging.basicConfig(
+            level=(args.log_level or config.log_level).upper(),
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            stream=sys.stderr,
+        )
+        keys = make_key_provider(config)
+        config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        asyncio.run(_serve(AgentDaemon(config, keys)))
+    except errors.ClawbackError as exc:
+        print(f"clawback-agent: {exc}", file=sys.stderr)
+        return int(exc.exit_code)
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""Agent config validation: a malformed config names the file, the key and the reason."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent.config import load_config
+from core.errors import ConfigError
+
+GOOD = """
+[agent]
+state_dir = "state"
+[coordinator]
+address = "127.0.0.1:7443"
+[tls]
+ca = "ca.pem"
+cert = "a.pem"
+key = "a.key"
+[keys]
+provider = "file"
+file = "/etc/clawback/repo.key"
+[[source]]
+name = "uploads"
+path = "/srv/uploads"
+"""
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "agent.toml"
+    p.write_text(text)
+    return p
+
+
+def test_good_config(tmp_path: Path) -> None:
+    c = load_config(_write(tmp_path, GOOD))
+    assert c.state_dir == tmp_path / "state" and c.tls.ca == tmp_path / "ca.pem"
+    assert c.source("uploads") is not None and c.source("uploads").path == Path("/srv/uploads")  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("mutation", "key", "reason"),
+    [
+        (('address = "127.0.0.1:7443"', 'address = "nohost"'), "coordinator.address", "HOST:PORT"),
+        (('path = "/srv/uploads"', 'path = "srv"'), "source[0].path", "absolute"),
+        (('name = "uploads"', 'name = "bad name!"'), "source[0].name", "valid source name"),
+        (('provider = "file"', 'provider = "vault"'), "keys.provider", "one of"),
+        (('[[source]]\nname = "uploads"', '[[source]]\nkind = "redis"\nname = "uploads"'), "source[0].kind", "not supported"),
+        (("[agent]\n", "[agent]\nstate_dri = 1\n"), "agent.state_dri", "unknown key"),
+        (('cert = "a.pem"\n', ""), "tls.cert", "required"),
+    ],
+)
+def test_bad_configs(tmp_path: Path, mutation: tuple[str, str], key: str, reason: str) -> None:
+    p = _write(tmp_path, GOOD.replace(*mutation))
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert e.value.file == str(p) and e.value.key == key and reason in e.value.reason
+
+
+def test_duplicate_source(tmp_path: Path) -> None:
+    p = _write(tmp_path, GOOD + '[[source]]\nname = "uploads"\npath = "/x"\n')
+    with pytest.raises(ConfigError, match=r"source\[1\]\.name: source 'uploads' is defined twice"):
+        load_config(p)

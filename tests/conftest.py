@@ -1,0 +1,84 @@
+"""Shared fixtures: real processes, real mounts, real faults. A fixture that cannot start what it needs fails, never skips."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from deploy.devcluster import DevCluster
+
+
+def _require_root(what: str) -> None:
+    if os.geteuid() != 0:
+        pytest.fail(f"{what} needs root (mounts, chown); run the suite as root as CI does", pytrace=False)
+
+
+@pytest.fixture
+def cluster_factory(tmp_path: Path) -> Iterator[Callable[..., DevCluster]]:
+    """Start real coordinator + agent processes over loopback mTLS; all are stopped after the test."""
+    made: list[DevCluster] = []
+
+    def make(agents: dict[str, dict[str, Path]], start: bool = True, **kw: object) -> DevCluster:
+        c = DevCluster(tmp_path / f"cluster{len(made)}", agents, **kw)  # type: ignore[arg-type]
+        made.append(c)
+        if start:
+            c.start()
+        return c
+
+    yield make
+    for c in made:
+        c.stop()
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Callable[[int], Path]]:
+    """Mount a size-limited tmpfs (a disk that fills up) and unmount it afterwards."""
+    mounts: list[Path] = []
+
+    def mount(size_mib: int) -> Path:
+        _require_root("a size-limited filesystem")
+        d = tmp_path / f"smallfs{len(mounts)}"
+        d.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mib}m", "tmpfs", str(d)],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            pytest.fail(f"cannot mount a tmpfs at {d}: {r.stderr.strip()}", pytrace=False)
+        mounts.append(d)
+        return d
+
+    yield mount
+    for d in mounts:
+        subprocess.run(["umount", "-l", str(d)], check=False)
+
+
+@pytest.fixture
+def xattr_dir(tmp_path: Path) -> Iterator[Path]:
+    """A directory on a filesystem with user xattrs: tmp_path if it supports them, else a loop-mounted ext4 image."""
+    probe = tmp_path / ".xattr-probe"
+    probe.write_bytes(b"")
+    try:
+        os.setxattr(probe, b"user.probe", b"1")
+        probe.unlink()
+        yield tmp_path
+        return
+    except OSError:
+        probe.unlink()
+    _require_root("an ext4 image for xattrs")
+    if shutil.which("mkfs.ext4") is None:
+        pytest.fail("mkfs.ext4 is missing (Debian package e2fsprogs)", pytrace=False)
+    img, mnt = tmp_path / "xattr.img", tmp_path / "xattr-mnt"
+    mnt.mkdir()
+    subprocess.run(["truncate", "-s", "64M", str(img)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", str(img)], check=True)
+    r = subprocess.run(["mount", "-o", "loop", str(img), str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.fail(f"cannot loop-mount an ext4 image: {r.stderr.strip()}", pytrace=False)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

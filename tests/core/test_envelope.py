@@ -1,0 +1,76 @@
+"""The blob envelope: round trips, layout, and refusal of every kind of tampering."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from core.compression import Compressor
+from core.envelope import HEADER_SIZE, OVERHEAD, SealingKey, key_id_of, open_, seal
+from core.errors import IntegrityError, KeyMaterialError
+
+KEY = SealingKey(b"k" * 16, os.urandom(32))
+ZSTD = Compressor("zstd-3")
+
+
+def _lookup(key_id: bytes) -> SealingKey:
+    if key_id != KEY.key_id:
+        raise KeyMaterialError("unknown key")
+    return KEY
+
+
+@settings(max_examples=50, deadline=None)
+@given(data=st.binary(max_size=50_000), btype=st.sampled_from([1, 2]), compress=st.booleans())
+def test_round_trip(data: bytes, btype: int, compress: bool) -> None:
+    bid = os.urandom(32)
+    env = seal(KEY, bid, btype, data, ZSTD if compress else None)
+    assert open_(_lookup, bid, btype, env) == data
+    assert key_id_of(env) == KEY.key_id
+    assert env[0] == 1 and env[2] == btype and env[3] == 1
+
+
+def test_compressible_data_is_compressed_and_random_is_not() -> None:
+    bid = os.urandom(32)
+    text = b"the same line again\n" * 5000
+    assert len(seal(KEY, bid, 1, text, ZSTD)) < len(text) // 10
+    rnd = os.urandom(100_000)
+    env = seal(KEY, bid, 1, rnd, ZSTD)
+    assert len(env) == len(rnd) + OVERHEAD and env[1] == 0
+
+
+@pytest.mark.parametrize("where", [0, 1, 2, 3, 5, 25, HEADER_SIZE, HEADER_SIZE + 10, -1])
+def test_any_flipped_byte_is_refused(where: int) -> None:
+    bid = os.urandom(32)
+    env = bytearray(seal(KEY, bid, 1, b"payload" * 100, ZSTD))
+    env[where] ^= 0x01
+    with pytest.raises((IntegrityError, KeyMaterialError)):
+        open_(_lookup, bid, 1, bytes(env))
+
+
+def test_envelope_served_under_another_id_or_type_is_refused() -> None:
+    bid = os.urandom(32)
+    env = seal(KEY, bid, 1, b"payload", None)
+    with pytest.raises(IntegrityError, match="authentication failed"):
+        open_(_lookup, os.urandom(32), 1, env)
+    with pytest.raises(IntegrityError, match="type"):
+        open_(_lookup, bid, 2, env)
+
+
+def test_wrong_key_and_truncation() -> None:
+    bid = os.urandom(32)
+    env = seal(KEY, bid, 1, b"payload", None)
+    other = SealingKey(KEY.key_id, os.urandom(32))
+    with pytest.raises(IntegrityError, match="another key"):
+        open_(lambda _k: other, bid, 1, env)
+    with pytest.raises(IntegrityError, match="truncated"):
+        open_(_lookup, bid, 1, env[:40])
+
+
+def test_decompression_is_bounded() -> None:
+    bid = os.urandom(32)
+    env = seal(KEY, bid, 1, b"\0" * 2_000_000, ZSTD)
+    with pytest.raises(IntegrityError, match="more than the"):
+        open_(_lookup, bid, 1, env, max_size=1_000_000)

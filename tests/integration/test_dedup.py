@@ -1,0 +1,51 @@
+"""Deduplication across agents and unchanged re-backups that read and upload (almost) nothing."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from bench.generate import generate
+
+pytestmark = pytest.mark.integration
+
+
+def _repo_bytes(repo: Path) -> int:
+    return sum(p.stat().st_size for p in (repo / "data").rglob("*") if p.is_file())
+
+
+def test_same_data_from_two_agents_is_stored_once(cluster_factory, tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    generate(a, "40M", seed=7)
+    shutil.copytree(a, b, symlinks=True)
+    c = cluster_factory({"node1": {"data": a}, "node2": {"data": b}})
+
+    c.cli("backup", "--agent", "node1", "--wait")
+    after_first = _repo_bytes(c.repo_dir)
+    c.cli("backup", "--agent", "node2", "--wait")
+    after_second = _repo_bytes(c.repo_dir)
+
+    snaps = {s["agent"]: s for s in c.cli_json("snapshots")}
+    assert snaps["node1"]["stats"]["bytes"] == snaps["node2"]["stats"]["bytes"] > 30_000_000
+    # node2's data blobs all dedup against node1's: only its trees could be new.
+    assert after_second - after_first < 0.02 * after_first
+    assert snaps["node2"]["stats"]["bytes_new"] < 0.02 * snaps["node1"]["stats"]["bytes_new"]
+
+
+def test_unchanged_rebackup_reads_and_uploads_nothing(cluster_factory, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    generate(src, "40M", seed=3)
+    c = cluster_factory({"node1": {"data": src}})
+    c.cli("backup", "--agent", "node1", "--wait")
+    before = _repo_bytes(c.repo_dir)
+    c.cli("backup", "--agent", "node1", "--wait")
+    first, second = c.cli_json("snapshots")[-2:]
+
+    assert second["parent"] == first["id"]
+    stats = second["stats"]
+    assert stats["files"] == first["stats"]["files"] > 100
+    assert stats["files_unchanged"] == stats["files"]  # every file came from the files cache, unread
+    assert stats["bytes_new"] < 64 * 1024  # at most a changed tree
+    assert _repo_bytes(c.repo_dir) - before < 64 * 1024
