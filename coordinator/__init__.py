@@ -1,0 +1,1 @@
+"""The coordinator: gRPC server, repository storage, catalog and the `clawback` CLI."""
