@@ -102,15 +102,15 @@ def error_from_rpc(exc: grpc.RpcError, what: str = "") -> errors.ClawbackError:
     """Translate a gRPC failure into the ClawbackError the server meant (or the closest)."""
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     detail = (exc.details() if hasattr(exc, "details") else "") or ""
-    cls: type[errors.ClawbackError] = errors.ClawbackError
+    cls: type[errors.ClawbackError] | None = None
     if detail.startswith("[") and "] " in detail:
         tag, rest = detail[1:].split("] ", 1)
         if tag in _BY_TAG:
             cls, detail = _BY_TAG[tag], rest
-    else:
+    if cls is None:  # not from our server: the transport itself failed
         cls = _FROM_STATUS.get(code, errors.ClawbackError)
-    if code == grpc.StatusCode.UNAVAILABLE and not detail.startswith("coordinator"):
-        detail = f"coordinator unreachable: {detail}"
+        if code == grpc.StatusCode.UNAVAILABLE:
+            detail = f"coordinator unreachable: {detail}"
     msg = f"{what}: {detail}" if what else detail
     if cls is errors.ConfigError:
         cls = errors.UsageError

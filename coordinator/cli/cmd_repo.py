@@ -1,0 +1,102 @@
+"""`clawback repo init` and `clawback repo info`: create the key material and the repository, show its config."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from coordinator.cli.output import human_size, repo_dict
+from core import errors
+from core.keys import create_key_file
+
+if TYPE_CHECKING:
+    from coordinator.cli.main import Context
+
+CHUNKERS = ("fastcdc-1m", "fastcdc-256k")
+
+
+def setup(
+    subs: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
+    repo = subs.add_parser("repo", help="initialise or describe the repository", parents=[common])
+    repo.set_defaults(func=None, parser=repo)
+    rsubs = repo.add_subparsers(dest="repo_command", metavar="SUBCOMMAND")
+
+    init = rsubs.add_parser(
+        "init",
+        help="write a new key file and initialise the repository",
+        parents=[common],
+        description="Create the key file (mode 0600; never overwritten) with --key-file or [keys] file, "
+        "then initialise the coordinator's repository with its key check.",
+    )
+    init.add_argument(
+        "--chunker", choices=CHUNKERS, default="", help="chunker (default fastcdc-1m)"
+    )
+    init.add_argument(
+        "--compression", default="", metavar="NAME", help="compression (default zstd-3)"
+    )
+    init.set_defaults(func=run_init)
+
+    info = rsubs.add_parser("info", help="show the repository config", parents=[common])
+    info.set_defaults(func=run_info)
+
+
+def run_init(ctx: Context, args: argparse.Namespace) -> int:
+    client = ctx.client()
+    key_file = ctx.key_file()
+    try:
+        existing = client.get_repository()
+    except (errors.RepositoryMissing, errors.NotFound):
+        pass
+    else:
+        raise errors.AlreadyExists(
+            f"the repository at {client.address} already exists (repo id {existing.repo_id})"
+        )
+    key_check = create_key_file(key_file)
+    try:
+        cfg = client.init_repository(key_check, chunker=args.chunker, compression=args.compression)
+    except errors.TransportError:
+        ctx.out.note(
+            f"clawback: kept {key_file}: the coordinator may have initialised the repository with it"
+        )
+        raise
+    except errors.ClawbackError:
+        # Refused for sure: the fresh key file protects nothing, so a retry must not trip over it.
+        with contextlib.suppress(OSError):
+            Path(key_file).unlink()
+        raise
+    if ctx.out.json_mode:
+        ctx.out.json({**repo_dict(cfg), "key_file": str(key_file)})
+        return 0
+    ctx.out.line(f"initialised repository {cfg.repo_id} at {client.address}")
+    ctx.out.line(f"key file: {key_file} (mode 0600)")
+    ctx.out.note(
+        "keep a copy of the key file somewhere safe: without it no backup can be read; "
+        "anyone holding it can read every backup (development key provider)"
+    )
+    return 0
+
+
+def run_info(ctx: Context, args: argparse.Namespace) -> int:
+    client = ctx.client()
+    cfg = client.get_repository()
+    pairs: list[tuple[str, object]] = [
+        ("coordinator", client.address),
+        ("repository", cfg.repo_id),
+        ("format version", cfg.version),
+        (
+            "chunker",
+            f"{cfg.chunker} (min {human_size(cfg.chunk_min)}, avg {human_size(cfg.chunk_avg)}, "
+            f"max {human_size(cfg.chunk_max)})",
+        ),
+        ("compression", cfg.compression),
+        ("cipher", cfg.cipher),
+        ("id algorithm", cfg.id_algorithm),
+        ("key check", cfg.key_check.hex()),
+        ("max blob size", human_size(cfg.max_blob_size)),
+        ("max message size", human_size(cfg.max_message_size)),
+    ]
+    ctx.out.fields(pairs, {"coordinator": client.address, **repo_dict(cfg)})
+    return 0

@@ -1,0 +1,189 @@
+"""The `clawback` command: global flags, one subcommand per operator task, errors to exit codes.
+
+Each `cmd_*` module declares its flags in `setup(subparsers)` and does its
+work in `run(ctx, args) -> int` (kopia's cli/command_*.go). Every
+ClawbackError becomes `clawback: <message>` on stderr and its exit code
+(docs/cli.md §Exit codes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from coordinator.cli import (
+    cmd_agents,
+    cmd_backup,
+    cmd_certs,
+    cmd_check,
+    cmd_jobs,
+    cmd_ls,
+    cmd_repo,
+    cmd_restore,
+    cmd_snapshots,
+)
+from coordinator.cli.client import AdminClient
+from coordinator.cli.config import CliConfig, resolve
+from coordinator.cli.output import Output
+from core.clock import SYSTEM, Clock
+from core.errors import ClawbackError, ExitCode, UsageError
+from core.keys import FileKeyProvider, KeyProvider
+
+COMMANDS = (
+    cmd_repo,
+    cmd_agents,
+    cmd_backup,
+    cmd_snapshots,
+    cmd_ls,
+    cmd_restore,
+    cmd_check,
+    cmd_jobs,
+    cmd_certs,
+)
+
+
+class Context:
+    """What a command needs, made on first use: settings, the coordinator client, the key provider."""
+
+    def __init__(
+        self, args: argparse.Namespace, out: Output | None = None, clock: Clock = SYSTEM
+    ) -> None:
+        self.args = args
+        self.out = out or Output(json_mode=args.json, quiet=args.quiet)
+        self.clock = clock
+        self._settings: CliConfig | None = None
+        self._client: AdminClient | None = None
+
+    @property
+    def settings(self) -> CliConfig:
+        if self._settings is None:
+            a = self.args
+            self._settings = resolve(
+                a.config,
+                address=a.coordinator,
+                ca=a.ca,
+                cert=a.cert,
+                key=a.key,
+                key_file=a.key_file,
+            )
+        return self._settings
+
+    def client(self) -> AdminClient:
+        if self._client is None:
+            s = self.settings
+            self._client = AdminClient(s.coordinator(), s.tls(), timeout=self.args.timeout)
+        return self._client
+
+    def key_file(self) -> Path:
+        path = self.settings.key_file
+        if path is None:
+            raise UsageError("no key file: pass --key-file FILE or set [keys] file in the config")
+        return path
+
+    def key_provider(self) -> KeyProvider:
+        return FileKeyProvider(self.key_file())
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+
+def _global_flags(defaults: bool) -> argparse.ArgumentParser:
+    """The global flags, accepted before or after the subcommand."""
+    d = (lambda v: v) if defaults else (lambda v: argparse.SUPPRESS)
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("global options")
+    g.add_argument(
+        "--config",
+        metavar="FILE",
+        default=d(None),
+        help="CLI config (default $CLAWBACK_CONFIG, else ~/.config/clawback/cli.toml if present)",
+    )
+    g.add_argument(
+        "--coordinator", metavar="HOST:PORT", default=d(None), help="coordinator address"
+    )
+    g.add_argument(
+        "--ca",
+        metavar="FILE",
+        default=d(None),
+        help="CA bundle the coordinator's certificate chains to",
+    )
+    g.add_argument("--cert", metavar="FILE", default=d(None), help="admin certificate (PEM)")
+    g.add_argument(
+        "--key", metavar="FILE", default=d(None), help="admin certificate's private key (PEM)"
+    )
+    g.add_argument(
+        "--key-file",
+        metavar="FILE",
+        default=d(None),
+        help="repository key file (file key provider)",
+    )
+    g.add_argument("--json", action="store_true", default=d(False), help="print results as JSON")
+    g.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=d(False),
+        help="no progress or notes on stderr",
+    )
+    g.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        default=d(30.0),
+        help="deadline of each request (default 30)",
+    )
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="clawback",
+        description="Operate a clawback backup coordinator: repository, agents, backups, restores, checks.",
+        parents=[_global_flags(defaults=True)],
+        epilog="Exit codes: 0 ok, 1 error, 2 usage/config, 3 partial, 4 unreachable, 5 not found, "
+        "6 exists, 7 permission, 8 exhausted, 9 key, 10 no repository, 11 integrity, 130 interrupted.",
+    )
+    subs = parser.add_subparsers(dest="command", metavar="COMMAND")
+    common = _global_flags(defaults=False)
+    for module in COMMANDS:
+        module.setup(subs, common)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `clawback` console script; returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2), already printed
+        return exc.code if isinstance(exc.code, int) else ExitCode.USAGE
+    if getattr(args, "func", None) is None:
+        (getattr(args, "parser", None) or parser).print_usage(sys.stderr)
+        print("clawback: error: a command is required", file=sys.stderr)
+        return ExitCode.USAGE
+    ctx = Context(args)
+    try:
+        return int(args.func(ctx, args))
+    except ClawbackError as err:
+        ctx.out.stdout.flush()
+        print(f"clawback: {err}", file=sys.stderr)
+        return int(err.exit_code)
+    except KeyboardInterrupt:
+        print("clawback: interrupted", file=sys.stderr)
+        return ExitCode.INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`clawback ls ... | head`): stop quietly.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return ExitCode.ERROR
+    finally:
+        ctx.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
