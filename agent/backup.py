@@ -1,0 +1,822 @@
+"""The backup pipeline: walk a directory, chunk and id its files, upload what the repository lacks, commit a snapshot.
+
+Stages (restic's scanner / file saver / tree saver split):
+
+1. walk: one thread lstats every entry (bytes names, directories opened
+   with O_NOFOLLOW|O_NOATIME) and builds the Nodes, giving totals for progress;
+2. files: `workers` threads read and chunk files (or take their ids from the
+   files cache); the event loop dedups ids within the run, asks the
+   coordinator which are missing, has the threads seal those with the
+   snapshot's one data key and sends them on 1-2 upload streams;
+3. trees: every directory's Tree, bottom-up, sealed and uploaded the same way,
+   then the root (a one-node Tree named '.');
+4. commit: close the streams (blobs durable), store the wrapped key, commit
+   the snapshot with its sorted reference list, then save the files cache.
+
+Memory stays bounded: each file task holds at most one read budget of
+chunks while it waits for MissingBlobs, sealing and the upload stream's
+back-pressure. Unreadable entries become warnings (partial snapshot).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import socket
+import stat
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.filescache import FilesCache
+from agent.repo import Blob, RepoClient, UploadStream
+from agent.tree import (
+    DIR,
+    FILE,
+    ROOT_NAME,
+    SYMLINK,
+    Owners,
+    add_xattrs,
+    node_from_stat,
+    read_xattrs,
+    serialize_root,
+    serialize_tree,
+)
+from core.chunker import Chunker, params
+from core.chunkid import IdHasher
+from core.clock import SYSTEM, Clock
+from core.compression import Compressor
+from core.envelope import SealingKey, seal
+from core.errors import KeyMaterialError, NotFound, UsageError
+from core.format import MAX_IDS_PER_QUERY, RepoConfig
+from core.keys import KeyProvider
+from protos.clawback.v1 import common_pb2, repo_pb2
+
+DATA = common_pb2.BLOB_TYPE_DATA
+TREE = common_pb2.BLOB_TYPE_TREE
+
+MISSING_BATCH = min(4096, MAX_IDS_PER_QUERY)  # ids per MissingBlobs request
+READ_BUDGET = 8 * 1024 * 1024  # plaintext bytes a file task gathers before dedup/seal/upload
+SMALL_GROUP_FILES = 256  # small files handled per thread call
+UPLOAD_BATCH = 6 * 1024 * 1024  # envelope bytes per UploadStream.send
+PROGRESS_INTERVAL = 0.5
+MAX_WARNINGS = 1000
+
+_O_NOATIME = getattr(os, "O_NOATIME", 0)
+
+
+@dataclass
+class BackupResult:
+    """What a backup made: the committed snapshot, skipped entries, and counters."""
+
+    info: common_pb2.SnapshotInfo
+    warnings: list[str]
+    partial: bool
+    progress: common_pb2.Progress = field(default_factory=common_pb2.Progress)
+    files_read: int = 0  # files opened and chunked (not taken from the files cache)
+    data_blobs_new: int = 0
+    tree_blobs_new: int = 0
+
+
+class _Entry:
+    """One walked entry; FILE entries are filled in by the file stage."""
+
+    __slots__ = ("dir", "node", "ok", "path", "primary", "rel", "st")
+
+    def __init__(
+        self, node: repo_pb2.Node, path: bytes, rel: bytes, st: os.stat_result | None
+    ) -> None:
+        self.node = node
+        self.path = path  # absolute, for opening
+        self.rel = rel  # relative to the root: the files cache key
+        self.st = st
+        self.ok = True
+        self.primary: _Entry | None = None  # hard link: the entry whose content this one shares
+        self.dir: _Dir | None = None
+
+
+class _Dir(_Entry):
+    __slots__ = ("children",)
+
+    def __init__(
+        self, node: repo_pb2.Node, path: bytes, rel: bytes, st: os.stat_result | None
+    ) -> None:
+        super().__init__(node, path, rel, st)
+        self.children: list[_Entry] = []
+
+
+class _Tally:
+    """What one thread call observed; merged into the run's counters on the event loop."""
+
+    __slots__ = ("bytes_read", "failed", "files_read", "notes")
+
+    def __init__(self) -> None:
+        self.bytes_read = 0
+        self.files_read = 0
+        self.failed: list[str] = []  # entries left out
+        self.notes: list[str] = []  # warnings that do not drop the entry
+
+
+class _Uploader:
+    """Batches sealed blobs into ~UPLOAD_BATCH sends spread over a few upload streams."""
+
+    def __init__(self, repo: RepoClient, job_id: str, n_streams: int) -> None:
+        self._repo, self._job_id, self._n = repo, job_id, n_streams
+        self._streams: list[UploadStream] = []
+        self._locks: list[asyncio.Lock] = []
+        self._buf: list[Blob] = []
+        self._buf_bytes = 0
+        self._next = 0
+
+    async def start(self) -> None:
+        for _ in range(self._n):
+            self._streams.append(await self._repo.open_upload(self._job_id))
+            self._locks.append(asyncio.Lock())
+
+    async def add(self, blobs: Sequence[Blob]) -> None:
+        for b in blobs:
+            self._buf.append(b)
+            self._buf_bytes += len(b.envelope or b"")
+            if self._buf_bytes >= UPLOAD_BATCH:
+                await self._flush()
+
+    async def _flush(self) -> None:
+        if not self._buf:
+            return
+        batch, self._buf, self._buf_bytes = self._buf, [], 0
+        i = self._next
+        self._next = (i + 1) % len(self._streams)
+        async with self._locks[i]:
+            await self._streams[i].send(batch)
+
+    async def close(self) -> None:
+        await self._flush()
+        for s in self._streams:
+            await s.close()
+        self._streams = []
+
+    async def abort(self) -> None:
+        for s in self._streams:
+            with contextlib.suppress(Exception):
+                await s.abort()
+        self._streams = []
+
+
+class _Backup:
+    def __init__(
+        self,
+        repo: RepoClient,
+        keys: KeyProvider,
+        cfg: RepoConfig,
+        root: Path,
+        *,
+        job_id: str,
+        cache: FilesCache,
+        on_progress: Callable[[common_pb2.Progress], None] | None,
+        workers: int,
+        clock: Clock,
+    ) -> None:
+        self.repo, self.cfg, self.job_id, self.cache, self.clock = repo, cfg, job_id, cache, clock
+        self.root = os.fsencode(root)
+        self.on_progress = on_progress
+        self.workers = max(1, workers)
+        self.hasher = IdHasher(keys.id_key())
+        self.chunker = Chunker(params(cfg.chunker))
+        self.compressor = Compressor(cfg.compression)
+        self.owners = Owners()
+        self.pool = ThreadPoolExecutor(
+            max_workers=self.workers, thread_name_prefix="clawback-backup"
+        )
+        self.sealing: SealingKey | None = None
+        self.warnings: list[str] = []
+        self.errors = 0
+        self.noatime = _O_NOATIME
+        # Dedup within the run: an id is claimed by the first task that meets it with
+        # its data (or that confirms it stored); the claimer makes sure it is stored.
+        self.claimed: set[bytes] = set()
+        self.dirs: list[_Dir] = []
+        self.files: list[_Entry] = []
+        self.links: list[_Entry] = []  # hard links sharing a primary's content
+        self.p = common_pb2.Progress()
+        self.files_read = 0
+        self.data_new = 0
+        self.tree_new = 0
+        self._last_progress = -1e18
+
+    # -- helpers -----------------------------------------------------------------
+
+    def warn(self, msg: str) -> None:
+        self.errors += 1
+        self.p.errors = self.errors
+        if len(self.warnings) < MAX_WARNINGS:
+            self.warnings.append(msg)
+
+    def progress(self, force: bool = False) -> None:
+        if self.on_progress is None:
+            return
+        now = self.clock.monotonic()
+        if force or now - self._last_progress >= PROGRESS_INTERVAL:
+            self._last_progress = now
+            snap = common_pb2.Progress()
+            snap.CopyFrom(self.p)
+            self.on_progress(snap)
+
+    async def run_cpu(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    # -- stage 1: walk -----------------------------------------------------------
+
+    def _open_dir(self, path: bytes) -> int:
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        if self.noatime:
+            try:
+                return os.open(path, flags | self.noatime)
+            except PermissionError:
+                self.noatime = 0
+        return os.open(path, flags)
+
+    def walk(self) -> _Dir:
+        try:
+            st = os.lstat(self.root)
+        except FileNotFoundError:
+            raise NotFound(f"source directory {os.fsdecode(self.root)} does not exist") from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise UsageError(f"source {os.fsdecode(self.root)} is not a directory")
+        node = node_from_stat(ROOT_NAME, st, self.owners)
+        self._xattrs(node, self.root)
+        top = _Dir(node, self.root, b"", st)
+        stack = [top]
+        inodes: dict[tuple[int, int], _Entry] = {}
+        owners, files, p = self.owners, self.files, self.p
+        while stack:
+            d = stack.pop()
+            self.dirs.append(d)
+            try:
+                fd = self._open_dir(d.path)
+            except OSError as exc:
+                self._drop_dir(d, f"{_show(d.path)}: cannot open directory: {exc.strerror}")
+                continue
+            try:
+                with os.scandir(fd) as it:
+                    listing = [(os.fsencode(e.name), e) for e in it]
+                for name, e in listing:
+                    path = d.path + b"/" + name
+                    try:
+                        est = e.stat(follow_symlinks=False)
+                    except OSError as exc:
+                        self.warn(f"{_show(path)}: {exc.strerror}")
+                        continue
+                    n = node_from_stat(name, est, owners)
+                    kind = n.type
+                    if kind == repo_pb2.NODE_TYPE_UNSPECIFIED:
+                        self.warn(f"{_show(path)}: unknown file type, skipped")
+                        continue
+                    if kind == SYMLINK:
+                        try:
+                            n.link_target = os.readlink(name, dir_fd=fd)
+                        except OSError as exc:
+                            self.warn(f"{_show(path)}: cannot read link: {exc.strerror}")
+                            continue
+                    if not self._xattrs(n, path):
+                        continue
+                    rel = d.rel + b"/" + name if d.rel else name
+                    if kind == DIR:
+                        sub = _Dir(n, path, rel, est)
+                        sub.dir = d
+                        stack.append(sub)
+                        d.children.append(sub)
+                        continue
+                    ent = _Entry(n, path, rel, est)
+                    ent.dir = d
+                    d.children.append(ent)
+                    if kind == FILE:
+                        p.files_total += 1
+                        if est.st_nlink > 1:
+                            key = (est.st_dev, est.st_ino)
+                            first = inodes.get(key)
+                            if first is not None:
+                                ent.primary = first
+                                self.links.append(ent)
+                                continue
+                            inodes[key] = ent
+                        files.append(ent)
+                        p.bytes_total += est.st_size
+            except OSError as exc:
+                self._drop_dir(d, f"{_show(d.path)}: cannot list directory: {exc.strerror}")
+            finally:
+                os.close(fd)
+        return top
+
+    def _drop_dir(self, d: _Dir, msg: str) -> None:
+        self.warn(msg)
+        d.ok = False
+        d.children = []
+        if d.dir is None:  # the root itself
+            raise NotFound(msg)
+
+    def _xattrs(self, node: repo_pb2.Node, path: bytes) -> bool:
+        try:
+            xs = read_xattrs(path)
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                self.warn(f"{_show(path)}: vanished")
+                return False
+            self.warn(f"{_show(path)}: cannot read extended attributes: {exc.strerror}")
+            return True
+        if xs:
+            add_xattrs(node, xs)
+        return True
+
+    # -- stage 2: files ------------------------------------------------------------
+
+    def _units(self) -> Iterator[list[_Entry]]:
+        """Work units: one large file, or a group of small files up to READ_BUDGET."""
+        group: list[_Entry] = []
+        size = 0
+        for f in self.files:
+            s = f.node.size
+            if s >= READ_BUDGET:
+                yield [f]
+                continue
+            group.append(f)
+            size += s
+            if size >= READ_BUDGET or len(group) >= SMALL_GROUP_FILES:
+                yield group
+                group, size = [], 0
+        if group:
+            yield group
+
+    def _lookup_cache(self, f: _Entry) -> bool:
+        st = f.st
+        assert st is not None
+        e = self.cache.lookup(
+            f.rel, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev
+        )
+        if e is None:
+            return False
+        n = f.node
+        del n.content[:]
+        del n.content_sizes[:]
+        n.content.extend(e[5])
+        n.content_sizes.extend(e[6])
+        n.size = e[0]
+        return True
+
+    def _open_file(self, f: _Entry, t: _Tally) -> int | None:
+        """Open a file for reading, or warn and return None (vanished, unreadable, changed type)."""
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        try:
+            if self.noatime:
+                try:
+                    fd = os.open(f.path, flags | self.noatime)
+                except PermissionError:
+                    self.noatime = 0
+                    fd = os.open(f.path, flags)
+            else:
+                fd = os.open(f.path, flags)
+        except OSError as exc:
+            what = "vanished" if exc.errno == errno.ENOENT else exc.strerror
+            if exc.errno == errno.ELOOP:
+                what = "changed type (now a symlink)"
+            self._fail(t, f, f"{_show(f.path)}: {what}")
+            return None
+        try:
+            st = os.fstat(fd)
+        except OSError as exc:
+            os.close(fd)
+            self._fail(t, f, f"{_show(f.path)}: {exc.strerror}")
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            self._fail(t, f, f"{_show(f.path)}: changed type while backing up")
+            return None
+        # A file replaced since the walk is backed up as it is now (fstat of what was opened).
+        f.st = st
+        n = f.node
+        n.mode, n.uid, n.gid = st.st_mode & 0o7777, st.st_uid, st.st_gid
+        n.mtime_ns, n.atime_ns, n.ctime_ns = st.st_mtime_ns, st.st_atime_ns, st.st_ctime_ns
+        n.inode, n.device, n.nlink = st.st_ino, st.st_dev, st.st_nlink
+        n.sparse = st.st_blocks * 512 < st.st_size
+        return fd
+
+    def _fail(self, t: _Tally, f: _Entry, msg: str) -> None:
+        f.ok = False
+        self.cache.forget(f.rel)
+        t.failed.append(msg)
+
+    def _read_fd(
+        self,
+        t: _Tally,
+        f: _Entry,
+        fd: int,
+        chunks: Iterator[memoryview],
+        out: list[tuple[bytes, memoryview]],
+        budget: int,
+    ) -> bool:
+        """Pull chunks of an open file into `out` until `budget` bytes; True when the file is done (fd closed)."""
+        n = f.node
+        blob_id = self.hasher.blob_id
+        got = 0
+        try:
+            for c in chunks:
+                cid = blob_id(c)
+                ln = len(c)
+                n.content.append(cid)
+                n.content_sizes.append(ln)
+                out.append((cid, c))
+                got += ln
+                if got >= budget:
+                    t.bytes_read += got
+                    return False
+        except OSError as exc:
+            t.bytes_read += got
+            os.close(fd)
+            self._fail(t, f, f"{_show(f.path)}: read error: {exc.strerror}")
+            return True
+        t.bytes_read += got
+        os.close(fd)
+        size = sum(n.content_sizes)
+        st = f.st
+        assert st is not None
+        if size != st.st_size:
+            t.notes.append(
+                f"{_show(f.path)}: file shrank while being read ({st.st_size} -> {size} bytes)"
+            )
+        n.size = size
+        if size == st.st_size:
+            self.cache.record(
+                f.rel,
+                (
+                    size,
+                    st.st_mtime_ns,
+                    st.st_ctime_ns,
+                    st.st_ino,
+                    st.st_dev,
+                    tuple(n.content),
+                    tuple(n.content_sizes),
+                ),
+            )
+        return True
+
+    def _small_group(
+        self, t: _Tally, group: list[_Entry], use_cache: bool
+    ) -> tuple[list[tuple[bytes, memoryview]], list[_Entry]]:
+        """Thread: chunk a group of small files; returns (chunks, entries taken from the cache)."""
+        out: list[tuple[bytes, memoryview]] = []
+        hits: list[_Entry] = []
+        for f in group:
+            if use_cache and self._lookup_cache(f):
+                hits.append(f)
+                continue
+            n = f.node
+            del n.content[:]
+            del n.content_sizes[:]
+            if f.node.size == 0:
+                st = f.st
+                assert st is not None
+                self.cache.record(
+                    f.rel, (0, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev, (), ())
+                )
+                t.files_read += 1
+                continue
+            fd = self._open_file(f, t)
+            if fd is None:
+                continue
+            t.files_read += 1
+            try:
+                chunks = self.chunker.chunks_of_fd(fd, f.st.st_size)  # type: ignore[union-attr]
+            except BaseException:
+                os.close(fd)
+                raise
+            self._read_fd(t, f, fd, chunks, out, 1 << 62)
+        return out, hits
+
+    def _big_open(self, t: _Tally, f: _Entry, use_cache: bool) -> tuple[bool, int | None]:
+        """Thread: (cache hit, fd or None)."""
+        if use_cache and self._lookup_cache(f):
+            return True, None
+        n = f.node
+        del n.content[:]
+        del n.content_sizes[:]
+        fd = self._open_file(f, t)
+        if fd is not None:
+            t.files_read += 1
+        return False, fd
+
+    def _merge(self, t: _Tally) -> None:
+        """Move what a thread call observed into the run's counters (event loop side)."""
+        for m in t.failed:
+            self.warn(m)
+        for m in t.notes:
+            if len(self.warnings) < MAX_WARNINGS:
+                self.warnings.append(m)
+        self.p.bytes_done += t.bytes_read
+        self.files_read += t.files_read
+
+    async def _store(
+        self, chunks: list[tuple[bytes, memoryview]] | list[tuple[bytes, bytes]], btype: int
+    ) -> None:
+        """Make sure every chunk is stored: dedup in the run, ask MissingBlobs, seal and upload the missing."""
+        claimed = self.claimed
+        mine: dict[bytes, memoryview | bytes] = {}
+        dup = 0
+        for cid, data in chunks:
+            if cid in claimed:
+                dup += 1
+                continue
+            claimed.add(cid)
+            mine[cid] = data
+        self.p.blobs_dedup += dup
+        if not mine:
+            return
+        ids = list(mine)
+        todo: list[tuple[bytes, memoryview | bytes]] = []
+        for i in range(0, len(ids), MISSING_BATCH):
+            part = ids[i : i + MISSING_BATCH]
+            flags = await self.repo.missing(part)
+            for cid, m in zip(part, flags, strict=True):
+                if m:
+                    todo.append((cid, mine[cid]))
+                else:
+                    self.p.blobs_dedup += 1
+        if not todo:
+            return
+        blobs = await self.run_cpu(self._seal_all, todo, btype)
+        n = len(blobs)
+        self.p.blobs_new += n
+        self.p.bytes_uploaded += sum(len(b.envelope) for b in blobs)
+        if btype == DATA:
+            self.data_new += n
+        else:
+            self.tree_new += n
+        await self.uploader.add(blobs)
+
+    def _seal_all(self, todo: list[tuple[bytes, memoryview | bytes]], btype: int) -> list[Blob]:
+        key, comp = self.sealing, self.compressor
+        assert key is not None
+        return [Blob(cid, btype, seal(key, cid, btype, data, comp)) for cid, data in todo]
+
+    async def _check_hits(self, hits: list[_Entry]) -> None:
+        """Confirm the ids of files taken from the cache are stored; re-read the files whose ids are not."""
+        claimed = self.claimed
+        ask: list[bytes] = []
+        seen: set[bytes] = set()
+        for f in hits:
+            for cid in f.node.content:
+                if cid not in claimed and cid not in seen:
+                    seen.add(cid)
+                    ask.append(cid)
+        lost: set[bytes] = set()
+        for i in range(0, len(ask), MISSING_BATCH):
+            part = ask[i : i + MISSING_BATCH]
+            flags = await self.repo.missing(part)
+            for cid, m in zip(part, flags, strict=True):
+                if m:
+                    lost.add(cid)
+                else:
+                    claimed.add(cid)
+        unchanged = 0
+        reread: list[_Entry] = []
+        for f in hits:
+            if lost and any(cid in lost for cid in f.node.content):
+                self.cache.forget(f.rel)
+                reread.append(f)
+            else:
+                unchanged += 1
+                self.p.blobs_dedup += len(f.node.content)
+                self.p.bytes_done += f.node.size
+        self.p.files_unchanged += unchanged
+        self.p.files_done += unchanged
+        for f in reread:
+            await self._process([f], use_cache=False)
+
+    async def _process(self, unit: list[_Entry], use_cache: bool) -> None:
+        if len(unit) == 1 and unit[0].node.size >= READ_BUDGET:
+            f = unit[0]
+            t = _Tally()
+            hit, fd = await self.run_cpu(self._big_open, t, f, use_cache)
+            self._merge(t)
+            if hit:
+                await self._check_hits([f])
+                return
+            if fd is not None:
+                chunks = self.chunker.chunks_of_fd(fd, f.st.st_size)  # type: ignore[union-attr]
+                done = False
+                try:
+                    while not done:
+                        out: list[tuple[bytes, memoryview]] = []
+                        t = _Tally()
+                        done = await self.run_cpu(self._read_fd, t, f, fd, chunks, out, READ_BUDGET)
+                        self._merge(t)
+                        await self._store(out, DATA)
+                        self.progress()
+                except BaseException:
+                    if not done:
+                        with contextlib.suppress(OSError):
+                            os.close(fd)
+                    raise
+            self.p.files_done += 1
+            self.progress()
+            return
+        t = _Tally()
+        out, hits = await self.run_cpu(self._small_group, t, unit, use_cache)
+        self._merge(t)
+        self.p.files_done += len(unit) - len(hits)
+        await self._store(out, DATA)
+        del out
+        if hits:
+            await self._check_hits(hits)
+        self.progress()
+
+    async def _file_task(self, units: Iterator[list[_Entry]]) -> None:
+        for unit in units:  # the iterator is shared: each task takes the next unit
+            await self._process(unit, use_cache=True)
+
+    # -- stage 3: trees ------------------------------------------------------------
+
+    def _build_trees(self, top: _Dir) -> tuple[bytes, list[tuple[bytes, bytes]], set[bytes]]:
+        """Thread: serialize every directory bottom-up; (root id, unique tree parts, data ids referenced)."""
+        blob_id = self.hasher.blob_id
+        parts_out: dict[bytes, bytes] = {}
+        data_refs: set[bytes] = set()
+        for link in self.links:
+            prim = link.primary
+            assert prim is not None
+            if not prim.ok:
+                link.ok = False
+                self.warn_later.append(
+                    f"{_show(link.path)}: hard link to an unreadable file, skipped"
+                )
+                continue
+            n, pn = link.node, prim.node
+            del n.content[:]
+            del n.content_sizes[:]
+            n.content.extend(pn.content)
+            n.content_sizes.extend(pn.content_sizes)
+            n.size, n.sparse = pn.size, pn.sparse
+        # self.dirs is in walk (pre-)order: reversed, every directory comes after its children.
+        for d in reversed(self.dirs):
+            if not d.ok and d is not top:
+                continue
+            nodes = []
+            for c in d.children:
+                if not c.ok:
+                    continue
+                if c.node.type == FILE:
+                    data_refs.update(c.node.content)
+                nodes.append(c.node)
+            parts = serialize_tree(nodes)
+            ids = [blob_id(p) for p in parts]
+            for i, p in zip(ids, parts, strict=True):
+                parts_out.setdefault(i, p)
+            del d.node.subtree[:]
+            d.node.subtree.extend(ids)
+        root = serialize_root(top.node)
+        root_id = blob_id(root)
+        parts_out.setdefault(root_id, root)
+        return root_id, list(parts_out.items()), data_refs
+
+    # -- the run -------------------------------------------------------------------
+
+    async def run(self, info: common_pb2.SnapshotInfo, keys: KeyProvider) -> BackupResult:
+        self.warn_later: list[str] = []
+        t0 = self.clock.monotonic()
+        self.uploader = _Uploader(self.repo, self.job_id, 1 if self.workers < 2 else 2)
+        try:
+            top = await self.run_cpu(self.walk)
+            self.progress(force=True)
+            dk = keys.new_data_key()
+            self.sealing = SealingKey(dk.key_id, dk.key)
+            wrapped = common_pb2.WrappedKey(
+                key_id=dk.key_id, wrapped=dk.wrapped, provider=dk.provider
+            )
+            del dk
+            await self.uploader.start()
+            units = self._units()
+            async with asyncio.TaskGroup() as tg:
+                for _ in range(self.workers * 2):
+                    tg.create_task(self._file_task(units))
+            self.p.files_done += len(self.links)  # hard links share their first link's content
+            root_id, parts, data_refs = await self.run_cpu(self._build_trees, top)
+            for m in self.warn_later:
+                self.warn(m)
+            await self._store(parts, TREE)
+            await self.uploader.close()
+            refs = sorted(data_refs | {i for i, _ in parts})
+            del parts
+            info.root = root_id
+            info.key_ids.append(wrapped.key_id)
+            info.finished_ns = self.clock.now_ns()
+            p = self.p
+            s = info.stats
+            s.files = (
+                p.files_total
+                - sum(1 for f in self.files if not f.ok)
+                - sum(1 for f in self.links if not f.ok)
+            )
+            s.dirs = sum(1 for d in self.dirs if d.ok)
+            s.bytes = sum(f.node.size for f in self.files if f.ok) + sum(
+                f.node.size for f in self.links if f.ok
+            )
+            s.blobs_new = p.blobs_new
+            s.bytes_new = p.bytes_uploaded
+            s.files_unchanged = p.files_unchanged
+            s.errors = self.errors
+            s.duration_s = self.clock.monotonic() - t0
+            await self.repo.put_keys([wrapped])  # design.md §Write ordering 3: key before snapshot
+            await self.repo.commit(info, refs)
+        except BaseException:
+            await self.uploader.abort()
+            raise
+        finally:
+            self.sealing = None  # drop the data key with the run
+            self.pool.shutdown(wait=False, cancel_futures=True)
+        try:
+            await asyncio.to_thread(self.cache.save)
+        except OSError as exc:
+            self.warnings.append(f"files cache not saved: {exc}")
+        self.progress(force=True)
+        return BackupResult(
+            info=info,
+            warnings=self.warnings,
+            partial=self.errors > 0,
+            progress=self.p,
+            files_read=self.files_read,
+            data_blobs_new=self.data_new,
+            tree_blobs_new=self.tree_new,
+        )
+
+
+def _show(path: bytes) -> str:
+    return os.fsdecode(path).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def cache_scope(cfg: RepoConfig, hasher: IdHasher) -> str:
+    """What files-cache ids are valid for: this repository, its chunker, this id key."""
+    return f"{cfg.repo_id}/{cfg.chunker}/{hasher.key_check().hex()}"
+
+
+def check_key(cfg: RepoConfig, hasher: IdHasher) -> None:
+    """Refuse an id key that is not the repository's (design.md §Blob ids: key check)."""
+    if cfg.key_check and hasher.key_check().hex() != cfg.key_check:
+        raise KeyMaterialError(
+            f"the id key does not match repository {cfg.repo_id} (key check differs): wrong key file?"
+        )
+
+
+async def run_backup(
+    repo: RepoClient,
+    keys: KeyProvider,
+    cfg: RepoConfig,
+    root: Path,
+    *,
+    agent: str,
+    source: str,
+    job_id: str,
+    cache_dir: Path,
+    parent: str = "",
+    tags: Sequence[str] = (),
+    hostname: str = "",
+    on_progress: Callable[[common_pb2.Progress], None] | None = None,
+    workers: int = 2,
+    clock: Clock = SYSTEM,
+) -> BackupResult:
+    """Back up directory `root` as a new snapshot of (agent, source) and commit it.
+
+    Raises KeyMaterialError if the key does not match the repository,
+    NotFound/UsageError if `root` is not a readable directory, and the
+    RepoClient's errors (the run is then abandoned, nothing committed, the
+    files cache untouched). Entries that cannot be read are left out and
+    reported in `warnings` (`partial` is then True).
+    """
+    hasher = IdHasher(keys.id_key())
+    check_key(cfg, hasher)
+    cache = await asyncio.to_thread(
+        FilesCache.open, Path(cache_dir), source, cache_scope(cfg, hasher)
+    )
+    info = common_pb2.SnapshotInfo(
+        id=os.urandom(16).hex(),
+        agent=agent,
+        source=source,
+        started_ns=clock.now_ns(),
+        parent=parent,
+        hostname=hostname or socket.gethostname(),
+        tags=list(tags),
+        crash_consistent=False,
+    )
+    b = _Backup(
+        repo,
+        keys,
+        cfg,
+        root,
+        job_id=job_id,
+        cache=cache,
+        on_progress=on_progress,
+        workers=workers,
+        clock=clock,
+    )
+    return await b.run(info, keys)

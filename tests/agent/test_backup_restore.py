@@ -1,0 +1,570 @@
+"""Backup and restore pipelines end to end against the real coordinator BlobStore (LocalBackend + SqliteCatalog)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import socket
+import stat
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from agent.backup import BackupResult, run_backup
+from agent.restore import RestoreResult, run_restore
+from core.clock import ManualClock
+from core.errors import KeyMaterialError, UsageError
+from core.keys import FileKeyProvider, create_key_file
+from protos.clawback.v1 import common_pb2
+from tests.agent.conftest import Env, close_env, make_env
+
+GiB = 1024**3
+IS_ROOT = os.geteuid() == 0
+
+
+async def backup(env: Env, src: Path, **kw: object) -> BackupResult:
+    kw.setdefault("agent", "node-1")
+    kw.setdefault("source", "vol")
+    kw.setdefault("job_id", "job-b")
+    kw.setdefault("cache_dir", env.cache_dir)
+    return await run_backup(env.repo, env.keys, env.cfg, src, **kw)  # type: ignore[arg-type]
+
+
+async def restore(
+    env: Env, info: common_pb2.SnapshotInfo, dst: Path, **kw: object
+) -> RestoreResult:
+    kw.setdefault("job_id", "job-r")
+    return await run_restore(env.repo, env.keys, env.cfg, info, dst, **kw)  # type: ignore[arg-type]
+
+
+def walk(root: Path) -> dict[bytes, os.stat_result]:
+    out = {}
+    base = os.fsencode(root)
+    for dirpath, dirnames, filenames in os.walk(base):
+        for n in dirnames + filenames:
+            p = os.path.join(dirpath, n)
+            out[os.path.relpath(p, base)] = os.lstat(p)
+    return out
+
+
+def xattrs(p: bytes) -> dict[str, bytes]:
+    try:
+        return {
+            n: os.getxattr(p, n, follow_symlinks=False)
+            for n in os.listxattr(p, follow_symlinks=False)
+        }
+    except OSError:
+        return {}
+
+
+def assert_same_tree(
+    src: Path, dst: Path, *, times: bool = True, skip: set[bytes] = frozenset()
+) -> None:
+    """Byte-for-byte and metadata comparison (sockets are expected to be absent)."""
+    a, b = walk(src), walk(dst)
+    expect = {k for k, s in a.items() if not stat.S_ISSOCK(s.st_mode)} - skip
+    assert set(b) == expect
+    for rel in expect:
+        sa, sb = a[rel], b[rel]
+        pa, pb = os.path.join(os.fsencode(src), rel), os.path.join(os.fsencode(dst), rel)
+        assert stat.S_IFMT(sa.st_mode) == stat.S_IFMT(sb.st_mode), rel
+        assert (sa.st_uid, sa.st_gid) == (sb.st_uid, sb.st_gid), rel
+        assert xattrs(pa) == xattrs(pb), rel
+        if stat.S_ISLNK(sa.st_mode):
+            assert os.readlink(pa) == os.readlink(pb), rel
+        else:
+            assert stat.S_IMODE(sa.st_mode) == stat.S_IMODE(sb.st_mode), rel
+        if stat.S_ISREG(sa.st_mode):
+            assert sa.st_size == sb.st_size, rel
+            if sa.st_size < 64 * 1024 * 1024:
+                with open(pa, "rb") as fa, open(pb, "rb") as fb:
+                    assert fa.read() == fb.read(), rel
+        if times:
+            assert sa.st_mtime_ns == sb.st_mtime_ns, rel
+
+
+def build_source(root: Path) -> Path:
+    """Every kind of entry clawback must carry."""
+    src = root / "src"
+    src.mkdir()
+    rnd = random.Random(7)
+    (src / "small.txt").write_bytes(b"hello clawback\n")
+    (src / "multi-chunk.bin").write_bytes(rnd.randbytes(9 * 1024 * 1024))
+    (src / "empty").write_bytes(b"")
+    (src / "name with spaces").write_bytes(b"s" * 100)
+    (src / "new\nline").write_bytes(b"n" * 10)
+    (src / os.fsdecode(b"latin1-\xe9\xff")).write_bytes(b"not utf-8 name")
+    d = src / "sub" / "deeper"
+    d.mkdir(parents=True)
+    (d / "dup-of-small.txt").write_bytes(b"hello clawback\n")
+    (src / "empty-dir").mkdir()
+    (src / "sub" / "empty-dir-2").mkdir()
+    # Hard links: three names, one inode.
+    (src / "linked").write_bytes(b"L" * 5000)
+    os.link(src / "linked", src / "sub" / "linked-2")
+    os.link(src / "linked", d / "linked-3")
+    # Symlinks: relative, absolute, dangling, to a directory.
+    os.symlink("small.txt", src / "rel-link")
+    os.symlink("/etc/passwd", src / "abs-link")
+    os.symlink("does/not/exist", src / "dangling")
+    os.symlink("sub", src / "dir-link")
+    # Modes.
+    (src / "setuid").write_bytes(b"#!/bin/sh\n")
+    os.chmod(src / "setuid", 0o4755)
+    (src / "sticky-dir").mkdir()
+    os.chmod(src / "sticky-dir", 0o1777)
+    (src / "setgid-dir").mkdir()
+    os.chmod(src / "setgid-dir", 0o2750)
+    (src / "readonly").write_bytes(b"ro")
+    os.chmod(src / "readonly", 0o400)
+    # Ownership.
+    (src / "owned").write_bytes(b"owned by someone else")
+    if IS_ROOT:
+        os.chown(src / "owned", 1234, 5678)
+        os.chown(src / "sub", 4321, 8765)
+        os.chown(src / "dangling", 1111, 2222, follow_symlinks=False)
+    # xattrs on a file and a directory.
+    os.setxattr(src / "small.txt", b"user.comment", b"hi \x00 there")
+    os.setxattr(src / "small.txt", b"user.empty", b"")
+    os.setxattr(src / "sub", b"user.dir", b"dir attr")
+    # Special files: recorded, never opened.
+    os.mkfifo(src / "fifo", 0o640)
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(src / "sock"))
+    sock.close()
+    # Times with ns precision (set last: creating children changes a directory's mtime).
+    for i, p in enumerate(sorted(src.rglob("*"), key=lambda p: -len(p.parts))):
+        os.utime(
+            p,
+            ns=(1_600_000_000_123_456_789 + i, 1_500_000_000_987_654_321 + i),
+            follow_symlinks=False,
+        )
+    return src
+
+
+async def test_full_round_trip(env: Env, workdir: Path) -> None:
+    src = build_source(workdir)
+    progress: list[common_pb2.Progress] = []
+    r = await backup(env, src, on_progress=progress.append, tags=["t1"], hostname="h1")
+    assert not r.partial, r.warnings
+    assert r.info.root and len(r.info.id) == 32 and list(r.info.tags) == ["t1"]
+    assert r.info.stats.errors == 0 and r.info.stats.files == 13
+    assert progress and progress[-1].files_done == progress[-1].files_total == 13
+    assert progress[-1].bytes_done == progress[-1].bytes_total > 9 * 1024 * 1024
+    dst = workdir / "dst"
+    res = await restore(env, r.info, dst)
+    assert res.errors == []
+    assert len(res.skipped) == 1 and "sock" in res.skipped[0]
+    assert res.files == 13 and res.dirs == 7
+    assert_same_tree(src, dst)
+    # Hard links share one inode again.
+    ino = {os.stat(dst / p).st_ino for p in ("linked", "sub/linked-2", "sub/deeper/linked-3")}
+    assert len(ino) == 1 and os.stat(dst / "linked").st_nlink == 3
+    if IS_ROOT:
+        assert os.lstat(dst / "owned").st_uid == 1234 and os.lstat(dst / "dangling").st_gid == 2222
+    assert stat.S_ISFIFO(os.lstat(dst / "fifo").st_mode)
+    # The target itself was created by the restore, so it carries the source directory's metadata.
+    assert os.stat(dst).st_mtime_ns == os.stat(src).st_mtime_ns
+
+
+async def test_sparse_3gib_file(env: Env, workdir: Path) -> None:
+    src = workdir / "src"
+    src.mkdir()
+    p = src / "disk.img"
+    with open(p, "wb") as f:
+        f.truncate(3 * GiB)
+        for off in (0, GiB + 12345, 3 * GiB - 4096):
+            f.seek(off)
+            f.write(b"data block %d " % off * 100)
+    t0 = time.monotonic()
+    r = await backup(env, src)
+    assert not r.partial
+    dst = workdir / "dst"
+    res = await restore(env, r.info, dst)
+    elapsed = time.monotonic() - t0
+    assert res.errors == []
+    q = dst / "disk.img"
+    sa, sb = os.stat(p), os.stat(q)
+    assert sb.st_size == 3 * GiB and sb.st_mtime_ns == sa.st_mtime_ns
+    assert sb.st_blocks * 512 < 16 * 1024 * 1024, "restored file is not sparse"
+    with open(p, "rb") as fa, open(q, "rb") as fb:
+        for off in (0, GiB + 12345, 3 * GiB - 4096, 2 * GiB):
+            fa.seek(off)
+            fb.seek(off)
+            assert fa.read(8192) == fb.read(8192)
+    assert elapsed < 60
+
+
+async def test_second_backup_reads_nothing_and_uploads_no_data(env: Env, workdir: Path) -> None:
+    src = build_source(workdir)
+    r1 = await backup(env, src)
+    assert r1.files_read == 11 and r1.data_blobs_new > 0  # 13 names, one inode shared by 3 of them
+    sent = len(env.repo.data_sent())
+    progress: list[common_pb2.Progress] = []
+    r2 = await backup(env, src, parent=r1.info.id, on_progress=progress.append)
+    assert r2.files_read == 0
+    assert r2.progress.files_unchanged == 11 and progress[-1].files_unchanged == 11
+    assert r2.data_blobs_new == 0 and len(env.repo.data_sent()) == sent
+    assert r2.info.parent == r1.info.id and r2.info.id != r1.info.id
+    # A changed file is read again; the cache is not consulted for it.
+    (src / "small.txt").write_bytes(b"changed")
+    r3 = await backup(env, src)
+    assert r3.files_read == 1 and r3.data_blobs_new == 1
+    res = await restore(env, r3.info, workdir / "dst")
+    assert res.errors == []
+    assert (workdir / "dst" / "small.txt").read_bytes() == b"changed"
+
+
+async def test_cache_hit_whose_blobs_vanished_is_reread(
+    env: Env, workdir: Path, tmp_path: Path
+) -> None:
+    src = workdir / "src"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(1000))
+    await backup(env, src)
+    # A new, empty repository with the same key material and cache scope: cached ids are not stored there.
+    other = make_env(tmp_path / "other")
+    try:
+        other.keys = env.keys
+        import dataclasses
+
+        other.cfg = dataclasses.replace(env.cfg)
+        other.repo.store.backend.put("config", env.cfg.to_json())  # same repo id and key check
+        r = await run_backup(
+            other.repo,
+            env.keys,
+            other.cfg,
+            src,
+            agent="n",
+            source="vol",
+            job_id="j",
+            cache_dir=env.cache_dir,
+        )
+        assert r.files_read == 1 and r.data_blobs_new == 1
+        res = await run_restore(
+            other.repo, env.keys, other.cfg, r.info, workdir / "dst", job_id="r"
+        )
+        assert res.errors == [] and (workdir / "dst" / "f").read_bytes() == (src / "f").read_bytes()
+    finally:
+        close_env(other)
+
+
+async def test_two_agents_store_data_once(env: Env, workdir: Path) -> None:
+    src = workdir / "src"
+    src.mkdir()
+    (src / "a").write_bytes(os.urandom(3 * 1024 * 1024))
+    (src / "b").write_bytes(os.urandom(1000))
+    r1 = await backup(env, src, agent="node-1", cache_dir=workdir / "state1")
+    data1 = env.repo.data_sent()
+    packs1 = sorted(env.repo.store.backend.list("data/"))
+    r2 = await backup(env, src, agent="node-2", cache_dir=workdir / "state2")
+    assert r2.files_read == 2 and r2.data_blobs_new == 0
+    assert env.repo.data_sent() == data1
+    assert r2.progress.blobs_dedup >= 2
+    assert r1.info.agent != r2.info.agent and r1.info.root == r2.info.root  # same data, same trees
+    # Only tree blobs (if any) may have been added.
+    assert env.repo.store.catalog.count_blobs() == len(set(data1)) + len(
+        {i for i, t in env.repo.sent if t == common_pb2.BLOB_TYPE_TREE}
+    )
+    assert len(sorted(env.repo.store.backend.list("data/"))) >= len(packs1)
+
+
+async def test_restore_refuses_escaping_paths(env: Env, workdir: Path) -> None:
+    src = workdir / "src"
+    src.mkdir()
+    (src / "a").write_bytes(b"a")
+    r = await backup(env, src)
+    for bad in (b"../etc", b"a/../../x", b"/etc/passwd", b"a\0b"):
+        with pytest.raises(UsageError):
+            await restore(env, r.info, workdir / "dst", paths=[bad])
+    assert not (workdir / "dst").exists()
+
+
+async def test_restore_selected_paths(env: Env, workdir: Path) -> None:
+    src = build_source(workdir)
+    r = await backup(env, src)
+    dst = workdir / "dst"
+    res = await restore(env, r.info, dst, paths=[b"sub/deeper", b"./small.txt", b"nope"])
+    assert len(res.errors) == 1 and "nope" in res.errors[0]
+    got = {os.fsdecode(k) for k in walk(dst)}
+    assert got == {
+        "small.txt",
+        "sub",
+        "sub/deeper",
+        "sub/deeper/dup-of-small.txt",
+        "sub/deeper/linked-3",
+    }
+    assert (dst / "sub/deeper/linked-3").read_bytes() == b"L" * 5000
+
+
+async def test_planted_symlinks_are_never_followed(env: Env, workdir: Path) -> None:
+    src = workdir / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "f").write_bytes(b"inside")
+    (src / "top").write_bytes(b"top")
+    r = await backup(env, src)
+    outside = workdir / "outside"
+    outside.mkdir()
+    (outside / "top").write_bytes(b"precious")
+    dst = workdir / "dst"
+    dst.mkdir()
+    os.symlink(outside, dst / "d")  # a directory the snapshot has, planted as a symlink
+    os.symlink(outside / "top", dst / "top")  # a file the snapshot has, planted as a symlink
+    res = await restore(env, r.info, dst)
+    assert len(res.errors) == 2 and all("already exists" in e for e in res.errors)
+    assert sorted(os.listdir(outside)) == ["top"] and (outside / "top").read_bytes() == b"precious"
+    res = await restore(env, r.info, dst, overwrite=True)
+    assert res.errors == []
+    assert sorted(os.listdir(outside)) == ["top"] and (outside / "top").read_bytes() == b"precious"
+    assert not os.path.islink(dst / "d") and (dst / "d" / "f").read_bytes() == b"inside"
+    assert not os.path.islink(dst / "top") and (dst / "top").read_bytes() == b"top"
+
+
+async def test_restored_symlink_does_not_redirect_later_writes(env: Env, workdir: Path) -> None:
+    # A snapshot whose symlink 'a' points outside, and a directory 'a'-like path can't be
+    # smuggled: names are validated, and writes go through O_NOFOLLOW directory fds.
+    src = workdir / "src"
+    src.mkdir()
+    outside = workdir / "outside"
+    outside.mkdir()
+    os.symlink(outside, src / "escape")
+    (src / "z").write_bytes(b"z")
+    r = await backup(env, src)
+    res = await restore(env, r.info, workdir / "dst")
+    assert res.errors == [] and os.readlink(workdir / "dst" / "escape") == str(outside)
+    assert os.listdir(outside) == []
+
+
+async def test_existing_file_without_and_with_overwrite(env: Env, workdir: Path) -> None:
+    src = workdir / "src"
+    src.mkdir()
+    (src / "a").write_bytes(b"new content")
+    (src / "b").write_bytes(b"b")
+    r = await backup(env, src)
+    dst = workdir / "dst"
+    dst.mkdir()
+    (dst / "a").write_bytes(b"old")
+    res = await restore(env, r.info, dst)
+    assert len(res.errors) == 1 and "a" in res.errors[0] and res.files == 1
+    assert (dst / "a").read_bytes() == b"old" and (dst / "b").read_bytes() == b"b"
+    res = await restore(env, r.info, dst, overwrite=True)
+    assert res.errors == [] and (dst / "a").read_bytes() == b"new content"
+    assert not [n for n in os.listdir(dst) if n.startswith(".clawback")]
+
+
+async def test_corrupted_blob_fails_only_its_file(env: Env, workdir: Path) -> None:
+    src = workdir / "src"
+    src.mkdir()
+    (src / "victim").write_bytes(os.urandom(2 * 1024 * 1024))
+    (src / "ok1").write_bytes(os.urandom(5000))
+    (src / "ok2").write_bytes(b"fine")
+    r = await backup(env, src)
+    victim_ids = [i for i in env.repo.data_sent()]
+    victim = await _file_chunk(env, r, b"victim")
+    assert victim in victim_ids
+    env.repo.corrupt_on_disk(victim)
+    dst = workdir / "dst"
+    res = await restore(env, r.info, dst)
+    assert len(res.errors) == 1 and "victim" in res.errors[0]
+    assert sorted(os.listdir(dst)) == ["ok1", "ok2"]
+    assert (dst / "ok1").read_bytes() == (src / "ok1").read_bytes()
+
+
+async def test_tampered_envelope_fails_authentication(env: Env, workdir: Path) -> None:
+    src = workdir / "src"
+    src.mkdir()
+    (src / "victim").write_bytes(b"v" * 10000)
+    (src / "ok").write_bytes(b"fine")
+    r = await backup(env, src)
+    victim = await _file_chunk(env, r, b"victim")
+
+    def tamper(bid: bytes, env_: bytes) -> bytes:
+        if bid != victim:
+            return env_
+        b = bytearray(env_)
+        b[-1] ^= 1
+        return bytes(b)
+
+    env.repo.tamper = tamper
+    res = await restore(env, r.info, workdir / "dst")
+    assert len(res.errors) == 1 and "authentication failed" in res.errors[0]
+    assert os.listdir(workdir / "dst") == ["ok"]
+
+
+async def _file_chunk(env: Env, r: BackupResult, name: bytes) -> bytes:
+    """The first chunk id of a top-level file, read through the restore's own tree code."""
+    from agent.restore import _Restore
+
+    rs = _Restore(
+        env.repo,
+        env.keys,
+        r.info,
+        Path("/nonexistent"),
+        job_id="x",
+        paths=[],
+        overwrite=False,
+        on_progress=None,
+        workers=1,
+        clock=ManualClock(),
+    )
+    await rs.load_trees()
+    node = next(n for n in rs.entries[()] if n.name == name)
+    return node.content[0]
+
+
+async def test_wrong_key_file_is_refused(env: Env, workdir: Path) -> None:
+    src = workdir / "src"
+    src.mkdir()
+    (src / "a").write_bytes(b"a")
+    r = await backup(env, src)
+    create_key_file(workdir / "other.key")
+    wrong = FileKeyProvider(workdir / "other.key")
+    with pytest.raises(KeyMaterialError, match="key check"):
+        await run_backup(
+            env.repo,
+            wrong,
+            env.cfg,
+            src,
+            agent="n",
+            source="s",
+            job_id="j",
+            cache_dir=env.cache_dir,
+        )
+    with pytest.raises(KeyMaterialError, match="wrong key file"):
+        await run_restore(env.repo, wrong, env.cfg, r.info, workdir / "dst", job_id="r")
+    assert env.repo.sent and all(t for _, t in env.repo.sent)
+
+
+async def test_unreadable_entries_become_warnings(env: Env, workdir: Path) -> None:
+    src = workdir / "src"
+    src.mkdir()
+    (src / "vanishes").write_bytes(b"x" * 100)
+    (src / "becomes-fifo").write_bytes(b"y" * 100)
+    (src / "stays").write_bytes(b"z" * 100)
+    calls = 0
+
+    def sabotage(p: common_pb2.Progress) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:  # right after the walk, before any file is read
+            os.unlink(src / "vanishes")
+            os.unlink(src / "becomes-fifo")
+            os.mkfifo(src / "becomes-fifo")
+
+    r = await asyncio.wait_for(backup(env, src, on_progress=sabotage), 30)
+    assert r.partial and len(r.warnings) == 2
+    assert any("vanish" in w for w in r.warnings) and any("changed type" in w for w in r.warnings)
+    assert r.info.stats.errors == 2 and r.info.stats.files == 1
+    res = await restore(env, r.info, workdir / "dst")
+    assert res.errors == [] and os.listdir(workdir / "dst") == ["stays"]
+
+
+async def test_missing_source_is_an_error(env: Env, workdir: Path) -> None:
+    from core.errors import NotFound
+
+    with pytest.raises(NotFound):
+        await backup(env, workdir / "nope")
+    (workdir / "file").write_bytes(b"")
+    with pytest.raises(UsageError):
+        await backup(env, workdir / "file")
+
+
+async def test_progress_is_throttled(env: Env, workdir: Path) -> None:
+    src = workdir / "src"
+    src.mkdir()
+    for i in range(600):
+        (src / f"f{i}").write_bytes(os.urandom(100))
+    clock = ManualClock()
+    seen: list[common_pb2.Progress] = []
+    r = await backup(env, src, on_progress=seen.append, clock=clock)
+    # The clock never moves: only the forced first and last reports are sent.
+    assert len(seen) == 2
+    assert seen[-1].files_done == 600 and seen[-1].blobs_new == r.progress.blobs_new
+
+
+async def test_many_small_files_fast(env: Env, workdir: Path) -> None:
+    src = workdir / "src"
+    for d in range(40):
+        (src / f"d{d}").mkdir(parents=True)
+        for i in range(250):
+            (src / f"d{d}" / f"f{i}").write_bytes(b"%d-%d" % (d, i))
+    t0 = time.process_time()
+    r = await backup(env, src)
+    cpu1 = time.process_time() - t0
+    assert r.info.stats.files == 10_000
+    t0 = time.process_time()
+    r2 = await backup(env, src)
+    cpu2 = time.process_time() - t0
+    assert r2.files_read == 0
+    assert cpu1 < 10 and cpu2 < 10, (cpu1, cpu2)
+    res = await restore(env, r2.info, workdir / "dst")
+    assert res.errors == [] and res.files == 10_000
+
+
+# -- property: random small trees round-trip ----------------------------------------------------
+
+names = st.binary(min_size=1, max_size=12).filter(
+    lambda b: b not in (b".", b"..") and b"/" not in b and b"\0" not in b
+)
+contents = st.one_of(st.binary(max_size=300), st.sampled_from([b"", b"\0" * 5000]))
+
+
+@st.composite
+def trees(draw: st.DrawFn, depth: int = 0) -> dict[bytes, object]:
+    entries = draw(st.dictionaries(names, st.one_of(contents, st.just(None)), max_size=5))
+    out: dict[bytes, object] = dict(entries)
+    if depth < 2:
+        for n in draw(st.lists(names, max_size=2, unique=True)):
+            out[n + b".d"] = draw(trees(depth + 1))
+    return out
+
+
+def materialize(root: bytes, t: dict[bytes, object]) -> None:
+    os.mkdir(root)
+    for name, v in t.items():
+        p = os.path.join(root, name)
+        if isinstance(v, dict):
+            materialize(p, v)
+        elif v is None:
+            os.symlink(name + b"-target", p)
+        else:
+            with open(p, "wb") as f:
+                f.write(v)  # type: ignore[arg-type]
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(t=trees())
+def test_random_trees_round_trip(t: dict[bytes, object]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        e = make_env(Path(tmp))
+        try:
+            src = os.path.join(os.fsencode(tmp), b"src")
+            materialize(src, t)
+
+            async def go() -> RestoreResult:
+                r = await run_backup(
+                    e.repo,
+                    e.keys,
+                    e.cfg,
+                    Path(os.fsdecode(src)),
+                    agent="a",
+                    source="s",
+                    job_id="j",
+                    cache_dir=e.cache_dir,
+                    workers=random.choice([1, 2, 3]),
+                )
+                assert not r.partial, r.warnings
+                return await run_restore(
+                    e.repo, e.keys, e.cfg, r.info, Path(tmp) / "dst", job_id="r"
+                )
+
+            res = asyncio.run(go())
+            assert res.errors == []
+            assert_same_tree(Path(os.fsdecode(src)), Path(tmp) / "dst", times=False)
+        finally:
+            close_env(e)

@@ -1,0 +1,95 @@
+"""Tests for agent/filescache.py: lookups by stat tuple, atomic saves only when changed, corrupt caches ignored."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+from agent.filescache import FilesCache, cache_path
+
+IDS = (b"\x01" * 32, b"\x02" * 32)
+ENTRY = (30, 111, 222, 7, 9, IDS, (10, 20))
+
+
+def test_round_trip_and_lookup(tmp_path: Path) -> None:
+    c = FilesCache.open(tmp_path, "src", scope="repo-a")
+    assert not c.loaded and c.lookup(b"f", 30, 111, 222, 7, 9) is None
+    c.record(b"f", ENTRY)
+    c.record(b"\xffname\n", (0, 1, 2, 3, 4, (), ()))
+    assert c.save()
+    c2 = FilesCache.open(tmp_path, "src", scope="repo-a")
+    assert c2.loaded and len(c2) == 2
+    assert c2.lookup(b"f", 30, 111, 222, 7, 9) == ENTRY
+    for changed in [
+        (31, 111, 222, 7, 9),
+        (30, 112, 222, 7, 9),
+        (30, 111, 223, 7, 9),
+        (30, 111, 222, 8, 9),
+        (30, 111, 222, 7, 10),
+    ]:
+        assert c2.lookup(b"f", *changed) is None
+    assert c2.lookup(b"\xffname\n", 0, 1, 2, 3, 4) is not None
+
+
+def test_save_only_when_changed_and_drops_unseen(tmp_path: Path) -> None:
+    c = FilesCache.open(tmp_path, "src")
+    c.record(b"a", ENTRY)
+    c.record(b"b", ENTRY)
+    assert c.save()
+    mtime = cache_path(tmp_path, "src").stat().st_mtime_ns
+    c2 = FilesCache.open(tmp_path, "src")
+    assert c2.lookup(b"a", *ENTRY[:5]) and c2.lookup(b"b", *ENTRY[:5])
+    assert not c2.changed and not c2.save()
+    assert cache_path(tmp_path, "src").stat().st_mtime_ns == mtime
+    c3 = FilesCache.open(tmp_path, "src")
+    c3.lookup(b"a", *ENTRY[:5])  # b was not seen this run
+    assert c3.changed and c3.save()
+    assert len(FilesCache.open(tmp_path, "src")) == 1
+    assert [p.name for p in tmp_path.iterdir()] == [
+        cache_path(tmp_path, "src").name
+    ]  # no temp files
+
+
+@pytest.mark.parametrize("damage", [b"", b"garbage", b"clawback files cache v1\n\x00\x01", None])
+def test_corrupt_cache_is_ignored_with_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: bytes | None
+) -> None:
+    c = FilesCache.open(tmp_path, "src")
+    c.record(b"a", ENTRY)
+    c.save()
+    p = cache_path(tmp_path, "src")
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 2] if damage is None else damage)
+    with caplog.at_level(logging.WARNING):
+        c2 = FilesCache.open(tmp_path, "src")
+    assert len(c2) == 0 and not c2.loaded
+    assert "files cache" in caplog.text
+
+
+def test_invalid_entries_are_refused(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    c = FilesCache.open(tmp_path, "src")
+    c.record(b"a", (30, 1, 2, 3, 4, (b"short",), (30,)))  # a malformed id
+    c.save()
+    with caplog.at_level(logging.WARNING):
+        assert len(FilesCache.open(tmp_path, "src")) == 0
+    assert "corrupt" in caplog.text
+
+
+def test_other_scope_starts_afresh(tmp_path: Path) -> None:
+    c = FilesCache.open(tmp_path, "src", scope="repo-a")
+    c.record(b"a", ENTRY)
+    c.save()
+    assert len(FilesCache.open(tmp_path, "src", scope="repo-b")) == 0
+
+
+def test_per_source_files_and_unsafe_names(tmp_path: Path) -> None:
+    assert cache_path(tmp_path, "a") != cache_path(tmp_path, "b")
+    weird = cache_path(tmp_path, "../../etc/passwd")
+    assert weird.parent == tmp_path and "/" not in weird.name and ".." not in weird.name
+    c = FilesCache.open(tmp_path / "new" / "dir", "x")
+    c.record(b"a", ENTRY)
+    assert c.save()
+    assert os.stat(cache_path(tmp_path / "new" / "dir", "x")).st_mode & 0o077 == 0
