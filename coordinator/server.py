@@ -1,0 +1,688 @@
+"""The coordinator's gRPC services (protocol v1): AgentService for agents, AdminService for operators."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hmac
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any, TypeVar, cast
+
+import grpc
+
+import core
+from coordinator.config import CoordinatorConfig
+from coordinator.jobs import CAP_BACKUP_VOLUME, CAP_RESTORE, JobManager
+from coordinator.registry import AgentSession, Registry
+from core import chunker, compression, errors, format, tls, wire
+from core.clock import SYSTEM, Clock
+from protos.clawback.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc, common_pb2
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_VERSION = core.PROTOCOL_VERSION
+COORDINATOR_VERSION = core.__version__
+SUPPORTED_CAPABILITIES = frozenset({CAP_BACKUP_VOLUME, CAP_RESTORE})
+DOWNLOAD_BATCH = 4 * 1024 * 1024  # bytes of envelopes per DownloadResponse
+SILENT_INTERVALS = 3  # design.md §Control stream: three silent heartbeat intervals disconnect
+NO_REPOSITORY = "no repository: run `clawback repo init`"
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+G = TypeVar("G", bound=Callable[..., AsyncIterator[Any]])
+INTERNAL_DETAIL = "internal error (see the coordinator log)"
+
+
+async def _abort_for(name: str, exc: Exception, context: grpc.aio.ServicerContext) -> None:
+    """Map ClawbackError to its status; log anything unexpected and answer INTERNAL."""
+    if isinstance(exc, errors.ClawbackError):
+        code, detail = wire.status_for(exc)
+        log.info("%s refused: %s", name, exc)
+        await context.abort(code, detail)
+    log.error("%s failed", name, exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_DETAIL)
+
+
+def _guarded(fn: F) -> F:
+    """Wrap a unary-response handler with the error mapping of `_abort_for`."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await fn(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _abort_for(fn.__name__, exc, context)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _guarded_stream(fn: G) -> G:
+    """Wrap a streaming-response handler (an async generator) the same way."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            async for item in fn(self, request, context):
+                yield item
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _abort_for(fn.__name__, exc, context)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def repo_config_pb(cfg: format.RepoConfig) -> common_pb2.RepoConfig:
+    """The repository config as sent in Welcome and by GetRepository."""
+    p = chunker.params(cfg.chunker)
+    return common_pb2.RepoConfig(
+        version=cfg.version,
+        repo_id=cfg.repo_id,
+        chunker=cfg.chunker,
+        chunk_min=p.min_size,
+        chunk_avg=p.avg_size,
+        chunk_max=p.max_size,
+        id_algorithm=cfg.id_algorithm,
+        compression=cfg.compression,
+        cipher=cfg.cipher,
+        key_check=bytes.fromhex(cfg.key_check),
+        max_blob_size=format.MAX_BLOB_SIZE,
+        max_message_size=format.MAX_MESSAGE_SIZE,
+    )
+
+
+async def _repo_config(store: Any) -> format.RepoConfig:
+    try:
+        cfg: format.RepoConfig = await asyncio.to_thread(store.config)
+    except errors.RepositoryMissing:
+        raise errors.RepositoryMissing(NO_REPOSITORY) from None
+    return cfg
+
+
+def _check_blobs(blobs: Any) -> None:
+    for b in blobs:
+        if len(b.id) != format.ID_SIZE:
+            raise errors.UsageError(f"blob id of {len(b.id)} bytes (ids are {format.ID_SIZE})")
+        if b.type not in (common_pb2.BLOB_TYPE_DATA, common_pb2.BLOB_TYPE_TREE):
+            raise errors.UsageError(f"blob {b.id.hex()[:16]}: invalid blob type {b.type}")
+        if not 0 < len(b.envelope) <= format.MAX_BLOB_SIZE:
+            raise errors.UsageError(
+                f"blob {b.id.hex()[:16]}: envelope of {len(b.envelope)} bytes "
+                f"(at most {format.MAX_BLOB_SIZE})"
+            )
+
+
+def _check_key_ids(key_ids: Any) -> list[bytes]:
+    out = list(key_ids)
+    for k in out:
+        if len(k) != format.KEY_ID_SIZE:
+            raise errors.UsageError(f"key id of {len(k)} bytes (key ids are {format.KEY_ID_SIZE})")
+    return out
+
+
+async def _get_keys(store: Any, key_ids: list[bytes]) -> agent_pb2.GetKeysResponse:
+    found = await asyncio.to_thread(store.get_keys, key_ids)
+    keys = list(found.values()) if isinstance(found, dict) else list(found)
+    return agent_pb2.GetKeysResponse(keys=keys)
+
+
+async def _stream_blobs(store: Any, ids: list[bytes]) -> AsyncIterator[agent_pb2.DownloadResponse]:
+    """Blobs in responses of about DOWNLOAD_BATCH bytes; the store reads in a thread."""
+    it: Iterator[tuple[bytes, int, bytes | None, str]] = iter(store.read_blobs(ids))
+
+    def next_batch() -> list[agent_pb2.BlobData]:
+        batch: list[agent_pb2.BlobData] = []
+        size = 0
+        for blob_id, btype, envelope, error in it:
+            t = cast("common_pb2.BlobType.ValueType", btype)
+            if envelope is None:
+                batch.append(agent_pb2.BlobData(id=blob_id, type=t, error=error or "unreadable"))
+                size += 256
+            else:
+                batch.append(agent_pb2.BlobData(id=blob_id, type=t, envelope=envelope))
+                size += len(envelope) + 64
+            if size >= DOWNLOAD_BATCH:
+                break
+        return batch
+
+    while True:
+        batch = await asyncio.to_thread(next_batch)
+        if not batch:
+            return
+        yield agent_pb2.DownloadResponse(blobs=batch)
+
+
+class _Auth:
+    """Identity checks shared by both services: the certificate decides, never a message."""
+
+    def __init__(self, store: Any) -> None:
+        self._catalog = store.catalog
+
+    async def agent(self, context: grpc.aio.ServicerContext) -> str:
+        ident = tls.peer_identity(context.auth_context())
+        if ident.role != "agent":
+            raise errors.PermissionDenied(
+                f"certificate of {ident.name} has role {ident.role!r}; AgentService needs 'agent'"
+            )
+        if await asyncio.to_thread(self._catalog.is_revoked, ident.name):
+            raise errors.PermissionDenied(f"agent {ident.name} is revoked")
+        return ident.name
+
+    def admin(self, context: grpc.aio.ServicerContext) -> str:
+        ident = tls.peer_identity(context.auth_context())
+        if ident.role != "admin":
+            raise errors.PermissionDenied(
+                f"certificate of {ident.name} has role {ident.role!r}; AdminService needs 'admin'"
+            )
+        return ident.name
+
+
+class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
+    """AgentService: control streams and blob traffic of agents (design.md §Protocol v1)."""
+
+    def __init__(
+        self,
+        store: Any,
+        registry: Registry,
+        jobs: JobManager,
+        heartbeat_interval_s: int = 10,
+        clock: Clock = SYSTEM,
+    ) -> None:
+        self._store = store
+        self._registry = registry
+        self._jobs = jobs
+        self._heartbeat = heartbeat_interval_s
+        self._clock = clock
+        self._auth = _Auth(store)
+
+    @_guarded_stream
+    async def Control(
+        self,
+        request_iterator: AsyncIterator[agent_pb2.AgentMessage],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[agent_pb2.CoordinatorMessage]:
+        messages = request_iterator.__aiter__()
+        try:
+            first = await messages.__anext__()
+        except StopAsyncIteration:
+            return
+        # Checked after reading Hello so that the agent's first write never races the refusal.
+        name = await self._auth.agent(context)
+        if first.WhichOneof("msg") != "hello":
+            raise errors.UsageError("the first message on the control stream must be Hello")
+        hello = first.hello
+        if hello.protocol_version != PROTOCOL_VERSION:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"protocol version {hello.protocol_version} is not supported "
+                f"(this coordinator speaks {PROTOCOL_VERSION})",
+            )
+        cfg = await _repo_config(self._store)
+        if not hmac.compare_digest(hello.key_check, bytes.fromhex(cfg.key_check)):
+            raise errors.KeyMaterialError(
+                f"agent {name} holds a key that does not belong to this repository"
+            )
+        now = self._clock.now_ns()
+        session = AgentSession(
+            name=name,
+            hostname=hello.hostname,
+            version=hello.agent_version,
+            capabilities=frozenset(hello.capabilities) & SUPPORTED_CAPABILITIES,
+            sources=tuple(hello.sources),
+            peer=context.peer(),
+            connected_ns=now,
+            last_heartbeat_ns=now,
+        )
+        await asyncio.to_thread(
+            self._store.catalog.upsert_agent,
+            name,
+            hello.hostname,
+            hello.agent_version,
+            list(hello.sources),
+            sorted(hello.capabilities),
+            now,
+        )
+        yield (
+            agent_pb2.CoordinatorMessage(
+                welcome=agent_pb2.Welcome(
+                    agent=name,
+                    protocol_version=PROTOCOL_VERSION,
+                    capabilities=sorted(session.capabilities),
+                    repo=repo_config_pb(cfg),
+                    heartbeat_interval_s=self._heartbeat,
+                    coordinator_version=COORDINATOR_VERSION,
+                )
+            )
+        )
+        self._registry.register(session)
+        log.info(
+            "agent %s connected from %s (version %s, capabilities %s)",
+            name,
+            session.peer,
+            session.version,
+            ",".join(sorted(session.capabilities)) or "none",
+        )
+        reader = asyncio.create_task(self._read(session, messages), name=f"control-read-{name}")
+        try:
+            while (msg := await session.queue.get()) is not None:
+                yield msg
+        finally:
+            reader.cancel()
+            session.close()
+            if self._registry.unregister(session):
+                log.info("agent %s disconnected: %s", name, session.close_reason or "stream ended")
+                await self._jobs.agent_disconnected(name)
+        if session.close_code is not None:
+            await context.abort(session.close_code, session.close_reason)
+
+    async def _read(
+        self, session: AgentSession, messages: AsyncIterator[agent_pb2.AgentMessage]
+    ) -> None:
+        """Read heartbeats and job updates until the stream ends or falls silent."""
+        silence = SILENT_INTERVALS * self._heartbeat
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(silence):
+                        msg = await messages.__anext__()
+                except StopAsyncIteration:
+                    session.close(None, "stream ended")
+                    return
+                except TimeoutError:
+                    session.close(grpc.StatusCode.UNAVAILABLE, f"no heartbeat for {silence} s")
+                    return
+                self._registry.heartbeat(session)
+                kind = msg.WhichOneof("msg")
+                if kind == "job_update":
+                    await self._jobs.apply_update(session.name, msg.job_update)
+                elif kind == "hello":
+                    session.close(grpc.StatusCode.INVALID_ARGUMENT, "Hello sent twice")
+                    return
+        except asyncio.CancelledError:
+            raise
+        except grpc.RpcError as exc:
+            session.close(None, f"stream broken: {exc}")
+        except Exception:
+            log.exception("control stream of agent %s failed", session.name)
+            session.close(grpc.StatusCode.INTERNAL, "internal error (see the coordinator log)")
+
+    @_guarded
+    async def MissingBlobs(
+        self, request: agent_pb2.MissingBlobsRequest, context: grpc.aio.ServicerContext
+    ) -> agent_pb2.MissingBlobsResponse:
+        await self._auth.agent(context)
+        ids = wire.unpack_ids(request.ids)
+        missing = await asyncio.to_thread(self._store.missing, ids)
+        return agent_pb2.MissingBlobsResponse(missing=wire.make_bitmap(missing))
+
+    @_guarded
+    async def UploadBlobs(
+        self,
+        request_iterator: AsyncIterator[agent_pb2.UploadRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> agent_pb2.UploadResponse:
+        name = await self._auth.agent(context)
+        loop = asyncio.get_running_loop()
+        session: Any = None
+        pending: asyncio.Future[Any] | None = None
+
+        async def in_thread(fn: Callable[..., Any], *args: Any) -> Any:
+            # Shielded: a cancelled stream must not abort the session while a thread still uses it.
+            nonlocal pending
+            pending = loop.run_in_executor(None, fn, *args)
+            return await asyncio.shield(pending)
+
+        def abort(_: object = None) -> None:
+            try:
+                session.abort()  # design.md §Blob traffic: the open pack is discarded
+            except Exception:
+                log.exception("aborting the upload of agent %s failed", name)
+
+        try:
+            async for req in request_iterator:
+                if not req.blobs:
+                    continue
+                _check_blobs(req.blobs)
+                if session is None:
+                    session = await in_thread(self._store.upload)
+                await in_thread(_add_all, session, req.blobs)
+            if session is None:
+                return agent_pb2.UploadResponse()
+            stats = await in_thread(session.finish)
+        except BaseException:
+            if session is not None:
+                if pending is not None and not pending.done():
+                    pending.add_done_callback(abort)
+                else:
+                    abort()
+            raise
+        return agent_pb2.UploadResponse(
+            blobs_stored=stats.blobs_stored,
+            blobs_duplicate=stats.blobs_duplicate,
+            bytes_stored=stats.bytes_stored,
+            packs_written=stats.packs_written,
+        )
+
+    @_guarded_stream
+    async def DownloadBlobs(
+        self, request: agent_pb2.DownloadRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[agent_pb2.DownloadResponse]:
+        name = await self._auth.agent(context)
+        ids = wire.unpack_ids(request.ids)
+        await self._jobs.authorize_download(name, request.job_id, ids)
+        async for response in _stream_blobs(self._store, ids):
+            yield response
+
+    @_guarded
+    async def PutKeys(
+        self, request: agent_pb2.PutKeysRequest, context: grpc.aio.ServicerContext
+    ) -> agent_pb2.PutKeysResponse:
+        await self._auth.agent(context)
+        _check_key_ids(k.key_id for k in request.keys)
+        await asyncio.to_thread(self._store.put_keys, list(request.keys))
+        return agent_pb2.PutKeysResponse()
+
+    @_guarded
+    async def GetKeys(
+        self, request: agent_pb2.GetKeysRequest, context: grpc.aio.ServicerContext
+    ) -> agent_pb2.GetKeysResponse:
+        name = await self._auth.agent(context)
+        key_ids = _check_key_ids(request.key_ids)
+        self._jobs.authorize_keys(name, request.job_id)
+        return await _get_keys(self._store, key_ids)
+
+    @_guarded
+    async def CommitSnapshot(
+        self,
+        request_iterator: AsyncIterator[agent_pb2.CommitRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> agent_pb2.CommitResponse:
+        name = await self._auth.agent(context)
+        info: common_pb2.SnapshotInfo | None = None
+        refs: set[bytes] = set()
+        async for req in request_iterator:
+            part = req.WhichOneof("part")
+            if info is None:
+                if part != "header":
+                    raise errors.UsageError("CommitSnapshot: the first message must be the header")
+                info = common_pb2.SnapshotInfo()
+                info.CopyFrom(req.header)
+                info.agent = name  # the certificate names the agent, never the message
+            elif part == "refs":
+                refs.update(wire.unpack_ids(req.refs, limit=len(req.refs) // format.ID_SIZE))
+            else:
+                raise errors.UsageError("CommitSnapshot: only one header is allowed")
+        if info is None:
+            raise errors.UsageError("CommitSnapshot: no header")
+        try:
+            already = await asyncio.to_thread(self._store.commit_snapshot, info, frozenset(refs))
+        except errors.NotFound as exc:
+            # design.md §Blob traffic: unstored references (or keys) are FAILED_PRECONDITION.
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, wire.status_for(exc)[1])
+        if not already:
+            log.info(
+                "snapshot %s of %s/%s committed (%d refs)", info.id, name, info.source, len(refs)
+            )
+        return agent_pb2.CommitResponse(snapshot_id=info.id, already_committed=bool(already))
+
+
+def _add_all(session: Any, blobs: Any) -> None:
+    for b in blobs:
+        session.add(b.id, b.type, b.envelope)
+
+
+class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
+    """AdminService: the operator's API behind the `clawback` CLI (design.md §Admin API)."""
+
+    def __init__(
+        self, store: Any, registry: Registry, jobs: JobManager, clock: Clock = SYSTEM
+    ) -> None:
+        self._store = store
+        self._catalog = store.catalog
+        self._registry = registry
+        self._jobs = jobs
+        self._clock = clock
+        self._auth = _Auth(store)
+
+    @_guarded
+    async def InitRepository(
+        self, request: admin_pb2.InitRepositoryRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.RepoConfig:
+        who = self._auth.admin(context)
+        chunker_name = request.chunker or format.DEFAULT_CHUNKER
+        chunker.params(chunker_name)  # ConfigError for an unknown name
+        comp = request.compression or format.DEFAULT_COMPRESSION
+        if comp not in compression.NAMES:
+            raise errors.UsageError(
+                f"unknown compression {comp!r} (known: {', '.join(compression.NAMES)})"
+            )
+        cipher = request.cipher or format.DEFAULT_CIPHER
+        if cipher != format.DEFAULT_CIPHER:
+            raise errors.UsageError(f"unknown cipher {cipher!r} (known: {format.DEFAULT_CIPHER})")
+        if len(request.key_check) != 16:
+            raise errors.UsageError(f"key check of {len(request.key_check)} bytes (it is 16)")
+        cfg = format.RepoConfig(
+            repo_id=format.new_repo_id(),
+            chunker=chunker_name,
+            compression=comp,
+            cipher=cipher,
+            key_check=request.key_check.hex(),
+            created_ns=self._clock.now_ns(),
+        )
+        cfg = await asyncio.to_thread(self._store.init_repository, cfg) or cfg
+        log.info("repository %s initialised by %s", cfg.repo_id, who)
+        return repo_config_pb(cfg)
+
+    @_guarded
+    async def GetRepository(
+        self, request: admin_pb2.GetRepositoryRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.RepoConfig:
+        self._auth.admin(context)
+        return repo_config_pb(await _repo_config(self._store))
+
+    def _agent_info(self, info: admin_pb2.AgentInfo) -> admin_pb2.AgentInfo:
+        session = self._registry.get(info.name)
+        if session is not None and not session.closed:
+            info.connected = True
+            info.address = session.peer
+        return info
+
+    @_guarded
+    async def ListAgents(
+        self, request: admin_pb2.ListAgentsRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ListAgentsResponse:
+        self._auth.admin(context)
+        rows = await asyncio.to_thread(self._catalog.list_agents)
+        return admin_pb2.ListAgentsResponse(agents=[self._agent_info(r) for r in rows])
+
+    @_guarded
+    async def RevokeAgent(
+        self, request: admin_pb2.RevokeAgentRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.AgentInfo:
+        who = self._auth.admin(context)
+        if not request.name:
+            raise errors.UsageError("agent name is empty")
+        info: admin_pb2.AgentInfo = await asyncio.to_thread(
+            self._catalog.set_revoked, request.name, True
+        )
+        self._registry.disconnect(
+            request.name,
+            *wire.status_for(errors.PermissionDenied(f"agent {request.name} is revoked")),
+        )
+        log.warning("agent %s revoked by %s", request.name, who)
+        info.connected = False
+        return info
+
+    @_guarded
+    async def StartBackup(
+        self, request: admin_pb2.StartBackupRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.StartBackupResponse:
+        self._auth.admin(context)
+        jobs = await self._jobs.start_backup(
+            request.agent, list(request.sources), list(request.tags)
+        )
+        return admin_pb2.StartBackupResponse(jobs=jobs)
+
+    @_guarded
+    async def StartRestore(
+        self, request: admin_pb2.StartRestoreRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.JobInfo:
+        self._auth.admin(context)
+        return await self._jobs.start_restore(
+            request.snapshot_id,
+            request.agent,
+            request.target,
+            list(request.paths),
+            request.overwrite,
+        )
+
+    @_guarded
+    async def GetJob(
+        self, request: admin_pb2.GetJobRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.JobInfo:
+        self._auth.admin(context)
+        return await self._jobs.get(request.job_id)
+
+    @_guarded
+    async def ListJobs(
+        self, request: admin_pb2.ListJobsRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ListJobsResponse:
+        self._auth.admin(context)
+        jobs = await self._jobs.list(request.agent or None, request.limit or 100)
+        return admin_pb2.ListJobsResponse(jobs=jobs)
+
+    @_guarded_stream
+    async def WatchJob(
+        self, request: admin_pb2.GetJobRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[common_pb2.JobInfo]:
+        self._auth.admin(context)
+        async for info in self._jobs.watch(request.job_id):
+            yield info
+
+    @_guarded
+    async def ListSnapshots(
+        self, request: admin_pb2.ListSnapshotsRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ListSnapshotsResponse:
+        self._auth.admin(context)
+        snaps = await asyncio.to_thread(
+            self._store.list_snapshots, request.agent or None, request.source or None
+        )
+        return admin_pb2.ListSnapshotsResponse(snapshots=snaps)
+
+    @_guarded
+    async def GetSnapshot(
+        self, request: admin_pb2.GetSnapshotRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.SnapshotInfo:
+        self._auth.admin(context)
+        info: common_pb2.SnapshotInfo = await asyncio.to_thread(
+            self._store.get_snapshot, request.snapshot_id
+        )
+        return info
+
+    @_guarded_stream
+    async def ReadBlobs(
+        self, request: admin_pb2.ReadBlobsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[agent_pb2.DownloadResponse]:
+        # The admin may read any blob: the CLI holds the key and decrypts trees itself.
+        self._auth.admin(context)
+        async for response in _stream_blobs(self._store, wire.unpack_ids(request.ids)):
+            yield response
+
+    @_guarded
+    async def GetKeys(
+        self, request: agent_pb2.GetKeysRequest, context: grpc.aio.ServicerContext
+    ) -> agent_pb2.GetKeysResponse:
+        self._auth.admin(context)
+        return await _get_keys(self._store, _check_key_ids(request.key_ids))
+
+    @_guarded_stream
+    async def Check(
+        self, request: admin_pb2.CheckRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[admin_pb2.CheckEvent]:
+        from coordinator import check as check_mod
+
+        who = self._auth.admin(context)
+        if request.read_data_percent > 100:
+            raise errors.UsageError(
+                f"read_data_percent must be 1..100, not {request.read_data_percent}"
+            )
+        percent = request.read_data_percent or None
+        log.info(
+            "check started by %s (read data: %s, subset: %s%%)", who, request.read_data, percent
+        )
+        it = iter(check_mod.check(self._store, request.read_data, percent))
+        done = object()
+        while (event := await asyncio.to_thread(next, it, done)) is not done:
+            yield _check_event(event)
+
+
+_CHECK_KINDS = {
+    "progress": admin_pb2.CheckEvent.KIND_PROGRESS,
+    "error": admin_pb2.CheckEvent.KIND_ERROR,
+    "summary": admin_pb2.CheckEvent.KIND_SUMMARY,
+}
+
+
+def _check_event(event: Any) -> admin_pb2.CheckEvent:
+    pack = getattr(event, "pack", "") or ""
+    blob = getattr(event, "blob", b"") or b""
+    return admin_pb2.CheckEvent(
+        kind=_CHECK_KINDS.get(event.kind, admin_pb2.CheckEvent.KIND_UNSPECIFIED),
+        message=event.message,
+        pack=pack.hex() if isinstance(pack, bytes) else str(pack),
+        blob=blob if isinstance(blob, bytes) else bytes.fromhex(blob),
+        packs_done=getattr(event, "packs_done", 0) or 0,
+        packs_total=getattr(event, "packs_total", 0) or 0,
+        errors=getattr(event, "errors", 0) or 0,
+    )
+
+
+def build_server(
+    config: CoordinatorConfig,
+    store: Any,
+    *,
+    registry: Registry | None = None,
+    jobs: JobManager | None = None,
+    clock: Clock = SYSTEM,
+) -> grpc.aio.Server:
+    """A grpc.aio server with both services on `config.listen` over mutual TLS (not started).
+
+    The bound port (useful with port 0) is `server.clawback_port`; the job
+    manager and registry are `server.clawback_jobs` / `server.clawback_registry`.
+    Raises errors.Unavailable if the address cannot be bound.
+    """
+    registry = registry if registry is not None else Registry(clock)
+    jobs = jobs if jobs is not None else JobManager(store, registry, clock)
+    # Without SO_REUSEPORT a second coordinator on the same port fails instead of sharing it.
+    server = grpc.aio.server(options=[*wire.SERVER_OPTIONS, ("grpc.so_reuseport", 0)])
+    agent_pb2_grpc.add_AgentServiceServicer_to_server(
+        AgentServicer(store, registry, jobs, config.heartbeat_interval_s, clock), server
+    )
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(
+        AdminServicer(store, registry, jobs, clock), server
+    )
+    creds = tls.server_credentials(config.tls)
+    try:
+        port = server.add_secure_port(config.listen, creds)
+    except RuntimeError:
+        port = 0
+    if not port:
+        raise errors.Unavailable(
+            f"cannot listen on {config.listen}: the address is already in use or not available"
+        )
+    server.clawback_port = port
+    server.clawback_registry = registry
+    server.clawback_jobs = jobs
+    return server
+
+
+async def stop_server(server: grpc.aio.Server, grace: float) -> None:
+    """Stop a server from `build_server`: end the agents' control streams (they never
+    end by themselves), give calls `grace` seconds, then wait for blocking work still
+    running in threads, so that the caller may close the store's catalog safely."""
+    server.clawback_registry.close_all(grpc.StatusCode.UNAVAILABLE, "coordinator shutting down")
+    await server.stop(grace)
+    await asyncio.sleep(0)  # let cancelled handlers start their cleanup
+    await asyncio.get_running_loop().shutdown_default_executor()

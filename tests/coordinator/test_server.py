@@ -1,0 +1,637 @@
+"""The coordinator's gRPC services over real mutual TLS on loopback (protocol v1, design.md §Protocol v1)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import blake3
+import grpc
+import pytest
+
+from coordinator.config import CoordinatorConfig, load_config
+from coordinator.main import open_store
+from coordinator.server import build_server, stop_server
+from core import tls, wire
+from core.tls import TlsFiles
+from protos.clawback.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc, common_pb2
+from tests.coordinator.pki import TestCA
+
+KEY_CHECK = bytes(range(16))
+CAPS = ["backup.volume.v1", "restore.v1", "cut.v1"]
+TIMEOUT = 10
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Env:
+    config: CoordinatorConfig
+    store: Any
+    server: grpc.aio.Server
+    port: int
+    certs: dict[str, TlsFiles]
+    channels: list[grpc.aio.Channel]
+
+    def channel(self, who: str, options: list[tuple[str, Any]] | None = None) -> grpc.aio.Channel:
+        ch = grpc.aio.secure_channel(
+            f"127.0.0.1:{self.port}",
+            tls.channel_credentials(self.certs[who]),
+            options=options or wire.CHANNEL_OPTIONS,
+        )
+        self.channels.append(ch)
+        return ch
+
+    def agent(self, who: str = "node1") -> agent_pb2_grpc.AgentServiceStub:
+        return agent_pb2_grpc.AgentServiceStub(self.channel(who))
+
+    def admin(self, who: str = "ops") -> admin_pb2_grpc.AdminServiceStub:
+        return admin_pb2_grpc.AdminServiceStub(self.channel(who))
+
+
+@pytest.fixture
+async def env(tmp_path: Path) -> AsyncIterator[Env]:
+    ca = TestCA(tmp_path / "pki")
+    other = TestCA(tmp_path / "other-pki", name="some other CA")
+    server_tls = ca.issue("coordinator", "coordinator", server=True)
+    certs = {
+        "node1": ca.issue("node1", "agent"),
+        "node2": ca.issue("node2", "agent"),
+        "ops": ca.issue("ops", "admin"),
+        "stranger": other.issue("node1", "agent"),
+    }
+    cfg_file = tmp_path / "coordinator.toml"
+    cfg_file.write_text(
+        f"""
+[coordinator]
+listen = "127.0.0.1:0"
+data_dir = "data"
+heartbeat_interval_s = 5
+
+[repository]
+pack_size_mib = 1
+
+[tls]
+ca = "{server_tls.ca}"
+cert = "{server_tls.cert}"
+key = "{server_tls.key}"
+"""
+    )
+    config = load_config(cfg_file)
+    store = await asyncio.to_thread(open_store, config)
+    await asyncio.to_thread(store.recover)
+    server = build_server(config, store)
+    await server.start()
+    e = Env(config, store, server, server.clawback_port, certs, [])
+    try:
+        yield e
+    finally:
+        for ch in e.channels:
+            await ch.close()
+        await stop_server(server, 1)
+        store.catalog.close()
+
+
+async def init_repo(env: Env) -> common_pb2.RepoConfig:
+    return await env.admin().InitRepository(
+        admin_pb2.InitRepositoryRequest(key_check=KEY_CHECK), timeout=TIMEOUT
+    )
+
+
+def hello(
+    key_check: bytes = KEY_CHECK, sources: tuple[str, ...] = ("data",)
+) -> agent_pb2.AgentMessage:
+    return agent_pb2.AgentMessage(
+        hello=agent_pb2.Hello(
+            protocol_version=1,
+            agent_version="test",
+            capabilities=CAPS,
+            hostname="host1",
+            key_check=key_check,
+            sources=[
+                common_pb2.SourceSpec(
+                    name=s, kind=common_pb2.SOURCE_KIND_VOLUME, path=f"/srv/{s}", driver="none"
+                )
+                for s in sources
+            ],
+        )
+    )
+
+
+async def connect(env: Env, who: str = "node1") -> tuple[Any, agent_pb2.Welcome]:
+    """Open a control stream, send Hello and return (call, Welcome)."""
+    call = env.agent(who).Control()
+    await call.write(hello())
+    msg = await asyncio.wait_for(call.read(), TIMEOUT)
+    assert msg.WhichOneof("msg") == "welcome"
+    return call, msg.welcome
+
+
+async def expect_code(coro: Any, code: grpc.StatusCode, text: str = "") -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await asyncio.wait_for(coro, TIMEOUT)
+    assert info.value.code() == code, info.value.details()
+    assert text in (info.value.details() or ""), info.value.details()
+    return info.value
+
+
+def blob(seed: int, size: int = 2000) -> tuple[bytes, bytes]:
+    envelope = blake3.blake3(seed.to_bytes(8, "little")).digest(length=size)
+    return blake3.blake3(b"id" + envelope).digest(), envelope
+
+
+async def upload(env: Env, blobs: list[tuple[bytes, bytes]], who: str = "node1") -> Any:
+    async def reqs() -> AsyncIterator[agent_pb2.UploadRequest]:
+        for i, e in blobs:
+            yield agent_pb2.UploadRequest(
+                blobs=[agent_pb2.BlobData(id=i, type=common_pb2.BLOB_TYPE_DATA, envelope=e)]
+            )
+
+    return await env.agent(who).UploadBlobs(reqs(), timeout=TIMEOUT)
+
+
+async def commit(env: Env, info: common_pb2.SnapshotInfo, refs: list[bytes]) -> Any:
+    async def reqs() -> AsyncIterator[agent_pb2.CommitRequest]:
+        yield agent_pb2.CommitRequest(header=info)
+        yield agent_pb2.CommitRequest(refs=wire.pack_ids(refs))
+
+    return await env.agent().CommitSnapshot(reqs(), timeout=TIMEOUT)
+
+
+async def stored_snapshot(env: Env) -> tuple[common_pb2.SnapshotInfo, list[bytes]]:
+    blobs = [blob(i) for i in range(3)]
+    await upload(env, blobs)
+    ids = [i for i, _ in blobs]
+    info = common_pb2.SnapshotInfo(id=os.urandom(16).hex(), source="data", root=ids[0])
+    await commit(env, info, ids)
+    return info, ids
+
+
+# -- control stream ---------------------------------------------------------------
+
+
+async def test_hello_welcome(env: Env) -> None:
+    repo = await init_repo(env)
+    call, welcome = await connect(env)
+    assert welcome.agent == "node1"
+    assert welcome.protocol_version == 1
+    assert sorted(welcome.capabilities) == ["backup.volume.v1", "restore.v1"]
+    assert welcome.repo.repo_id == repo.repo_id
+    assert welcome.repo.key_check == KEY_CHECK
+    assert (welcome.repo.chunk_min, welcome.repo.chunk_max) == (256 * 1024, 4 * 1024 * 1024)
+    assert welcome.repo.max_message_size == 24 * 1024 * 1024
+    assert welcome.heartbeat_interval_s == 5
+
+    agents = (await env.admin().ListAgents(admin_pb2.ListAgentsRequest(), timeout=TIMEOUT)).agents
+    [a] = agents
+    assert (a.name, a.connected, a.hostname) == ("node1", True, "host1")
+    assert [s.name for s in a.sources] == ["data"]
+    await call.write(agent_pb2.AgentMessage(heartbeat=agent_pb2.Heartbeat(sent_ns=1)))
+
+    await call.done_writing()
+    for _ in range(50):
+        agents = (await env.admin().ListAgents(admin_pb2.ListAgentsRequest())).agents
+        if not agents[0].connected:
+            break
+        await asyncio.sleep(0.05)
+    assert not agents[0].connected
+
+
+async def test_first_message_must_be_hello(env: Env) -> None:
+    await init_repo(env)
+    call = env.agent().Control()
+    await call.write(agent_pb2.AgentMessage(heartbeat=agent_pb2.Heartbeat()))
+    await expect_code(call.read(), grpc.StatusCode.INVALID_ARGUMENT, "must be Hello")
+
+
+async def test_wrong_key_check_refused(env: Env) -> None:
+    await init_repo(env)
+    call = env.agent().Control()
+    await call.write(hello(key_check=b"\x00" * 16))
+    await expect_code(
+        call.read(),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "agent node1 holds a key that does not belong to this repository",
+    )
+
+
+async def test_no_repository(env: Env) -> None:
+    call = env.agent().Control()
+    await call.write(hello())
+    await expect_code(
+        call.read(), grpc.StatusCode.FAILED_PRECONDITION, "no repository: run `clawback repo init`"
+    )
+
+
+async def test_newer_stream_replaces_older(env: Env) -> None:
+    await init_repo(env)
+    old, _ = await connect(env)
+    new, _ = await connect(env)
+    await expect_code(old.read(), grpc.StatusCode.ABORTED, "connected again")
+    jobs = await env.admin().StartBackup(admin_pb2.StartBackupRequest(agent="node1"))
+    msg = await asyncio.wait_for(new.read(), TIMEOUT)
+    assert msg.command.job_id == jobs.jobs[0].id
+
+
+# -- identity ---------------------------------------------------------------------
+
+
+async def test_untrusted_ca_refused_at_tls(env: Env) -> None:
+    stub = env.agent("stranger")
+    await expect_code(
+        stub.MissingBlobs(agent_pb2.MissingBlobsRequest(ids=b"")), grpc.StatusCode.UNAVAILABLE
+    )
+
+
+async def test_agent_cert_cannot_use_admin_service(env: Env) -> None:
+    stub = admin_pb2_grpc.AdminServiceStub(env.channel("node1"))
+    await expect_code(
+        stub.GetRepository(admin_pb2.GetRepositoryRequest()),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "needs 'admin'",
+    )
+    await expect_code(
+        stub.InitRepository(admin_pb2.InitRepositoryRequest(key_check=KEY_CHECK)),
+        grpc.StatusCode.PERMISSION_DENIED,
+    )
+
+
+async def test_admin_cert_cannot_use_agent_service(env: Env) -> None:
+    stub = agent_pb2_grpc.AgentServiceStub(env.channel("ops"))
+    await expect_code(
+        stub.MissingBlobs(agent_pb2.MissingBlobsRequest(ids=b"")),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "needs 'agent'",
+    )
+
+
+async def test_revoked_agent_refused(env: Env) -> None:
+    await init_repo(env)
+    call, _ = await connect(env)
+    info = await env.admin().RevokeAgent(admin_pb2.RevokeAgentRequest(name="node1"))
+    assert info.revoked and not info.connected
+    # The open stream is cut, and every later call is refused.
+    await expect_code(call.read(), grpc.StatusCode.PERMISSION_DENIED, "revoked")
+    await expect_code(
+        env.agent().MissingBlobs(agent_pb2.MissingBlobsRequest(ids=b"")),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "agent node1 is revoked",
+    )
+    again = env.agent().Control()
+    await again.write(hello())
+    await expect_code(again.read(), grpc.StatusCode.PERMISSION_DENIED, "revoked")
+    await expect_code(
+        env.admin().RevokeAgent(admin_pb2.RevokeAgentRequest(name="nobody")),
+        grpc.StatusCode.NOT_FOUND,
+    )
+
+
+# -- blob traffic -------------------------------------------------------------------
+
+
+async def test_oversized_message_refused(env: Env) -> None:
+    big = 25 * 1024 * 1024
+    ch = env.channel("node1", [("grpc.max_send_message_length", 2 * big)])
+    stub = agent_pb2_grpc.AgentServiceStub(ch)
+    await expect_code(
+        stub.MissingBlobs(agent_pb2.MissingBlobsRequest(ids=b"\x00" * big)),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    )
+
+
+async def test_malformed_id_list(env: Env) -> None:
+    stub = env.agent()
+    await expect_code(
+        stub.MissingBlobs(agent_pb2.MissingBlobsRequest(ids=b"\x01" * 33)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "not a multiple of 32",
+    )
+    await expect_code(
+        stub.MissingBlobs(agent_pb2.MissingBlobsRequest(ids=b"\x01" * 32 * 65537)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "limit",
+    )
+    await expect_code(
+        upload(env, [(b"\x01" * 31, b"x" * 100)]), grpc.StatusCode.INVALID_ARGUMENT, "blob id"
+    )
+
+
+async def test_upload_missing_commit_round_trip(env: Env) -> None:
+    await init_repo(env)
+    stub = env.agent()
+    blobs = [blob(i) for i in range(5)]
+    ids = [i for i, _ in blobs]
+    resp = await stub.MissingBlobs(agent_pb2.MissingBlobsRequest(ids=wire.pack_ids(ids)))
+    assert wire.read_bitmap(resp.missing, 5) == [True] * 5
+
+    up = await upload(env, blobs[:3])
+    assert (up.blobs_stored, up.blobs_duplicate, up.packs_written) == (3, 0, 1)
+    assert up.bytes_stored == 3 * 2000
+    resp = await stub.MissingBlobs(agent_pb2.MissingBlobsRequest(ids=wire.pack_ids(ids)))
+    assert wire.read_bitmap(resp.missing, 5) == [False, False, False, True, True]
+
+    up = await upload(env, blobs)
+    assert (up.blobs_stored, up.blobs_duplicate) == (2, 3)
+    empty = await upload(env, [])
+    assert empty.blobs_stored == 0
+
+    key = common_pb2.WrappedKey(key_id=b"k" * 16, provider="file")
+    await stub.PutKeys(agent_pb2.PutKeysRequest(keys=[key]))
+    info = common_pb2.SnapshotInfo(
+        id="ab" * 16, agent="mallory", source="data", root=ids[0], key_ids=[b"k" * 16]
+    )
+    res = await commit(env, info, ids)
+    assert (res.snapshot_id, res.already_committed) == ("ab" * 16, False)
+    res = await commit(env, info, ids)
+    assert res.already_committed
+
+    admin = env.admin()
+    got = await admin.GetSnapshot(admin_pb2.GetSnapshotRequest(snapshot_id="abab"))
+    assert got.agent == "node1"  # the server sets it from the certificate
+    assert got.root == ids[0]
+    listed = await admin.ListSnapshots(admin_pb2.ListSnapshotsRequest(agent="node1"))
+    assert [s.id for s in listed.snapshots] == ["ab" * 16]
+
+    # Admin reads any blob; keys by id.
+    out = []
+    async for r in admin.ReadBlobs(admin_pb2.ReadBlobsRequest(ids=wire.pack_ids(ids[:2]))):
+        out.extend(r.blobs)
+    assert {(b.id, b.envelope) for b in out} == set(blobs[:2])
+    keys = await admin.GetKeys(agent_pb2.GetKeysRequest(key_ids=[b"k" * 16, b"z" * 16]))
+    assert [k.key_id for k in keys.keys] == [b"k" * 16]
+
+    events = [e async for e in admin.Check(admin_pb2.CheckRequest(read_data=True))]
+    assert events[-1].kind == admin_pb2.CheckEvent.KIND_SUMMARY
+    assert events[-1].errors == 0
+
+
+async def test_commit_with_missing_ref_refused(env: Env) -> None:
+    await init_repo(env)
+    blobs = [blob(i) for i in range(2)]
+    await upload(env, blobs[:1])
+    ids = [i for i, _ in blobs]
+    info = common_pb2.SnapshotInfo(id="cd" * 16, source="data", root=ids[0])
+    await expect_code(
+        commit(env, info, ids), grpc.StatusCode.FAILED_PRECONDITION, "1 referenced blobs"
+    )
+    await expect_code(
+        env.admin().GetSnapshot(admin_pb2.GetSnapshotRequest(snapshot_id="cd" * 16)),
+        grpc.StatusCode.NOT_FOUND,
+    )
+
+    async def refs_first() -> AsyncIterator[agent_pb2.CommitRequest]:
+        yield agent_pb2.CommitRequest(refs=ids[0])
+
+    await expect_code(
+        env.agent().CommitSnapshot(refs_first()), grpc.StatusCode.INVALID_ARGUMENT, "header"
+    )
+
+
+# -- jobs ---------------------------------------------------------------------------
+
+
+async def test_backup_job_drives_watch_to_terminal(env: Env) -> None:
+    await init_repo(env)
+    admin = env.admin()
+    await expect_code(
+        admin.StartBackup(admin_pb2.StartBackupRequest(agent="node1")),
+        grpc.StatusCode.UNAVAILABLE,
+        "agent node1 is not connected",
+    )
+    call, _ = await connect(env)
+    await expect_code(
+        admin.StartBackup(admin_pb2.StartBackupRequest(agent="node1", sources=["nope"])),
+        grpc.StatusCode.NOT_FOUND,
+        "no source 'nope'",
+    )
+    started = await admin.StartBackup(
+        admin_pb2.StartBackupRequest(agent="node1", sources=["data"], tags=["t"])
+    )
+    [job] = started.jobs
+    assert (job.agent, job.source, job.state) == ("node1", "data", common_pb2.JOB_STATE_PENDING)
+    assert job.kind == common_pb2.JOB_KIND_BACKUP
+
+    msg = await asyncio.wait_for(call.read(), TIMEOUT)
+    cmd = msg.command
+    assert cmd.job_id == job.id
+    assert (cmd.backup.source, cmd.backup.parent, list(cmd.backup.tags)) == ("data", "", ["t"])
+
+    states: list[int] = []
+
+    async def watch() -> None:
+        async for info in admin.WatchJob(admin_pb2.GetJobRequest(job_id=job.id)):
+            states.append(info.state)
+
+    watcher = asyncio.create_task(watch())
+    await asyncio.sleep(0.2)
+    # Another agent cannot drive this job.
+    other, _ = await connect(env, "node2")
+    await other.write(
+        agent_pb2.AgentMessage(
+            job_update=agent_pb2.JobUpdate(job_id=job.id, state=common_pb2.JOB_STATE_FAILED)
+        )
+    )
+    await call.write(
+        agent_pb2.AgentMessage(
+            job_update=agent_pb2.JobUpdate(
+                job_id=job.id,
+                state=common_pb2.JOB_STATE_RUNNING,
+                progress=common_pb2.Progress(files_done=3),
+            )
+        )
+    )
+    await asyncio.sleep(0.2)
+    await call.write(
+        agent_pb2.AgentMessage(
+            job_update=agent_pb2.JobUpdate(
+                job_id=job.id, state=common_pb2.JOB_STATE_SUCCEEDED, snapshot_id="ef" * 16
+            )
+        )
+    )
+    await asyncio.wait_for(watcher, TIMEOUT)
+    assert states[0] == common_pb2.JOB_STATE_PENDING
+    assert states[-1] == common_pb2.JOB_STATE_SUCCEEDED
+    assert common_pb2.JOB_STATE_FAILED not in states
+
+    # Terminal states are final.
+    await call.write(
+        agent_pb2.AgentMessage(
+            job_update=agent_pb2.JobUpdate(job_id=job.id, state=common_pb2.JOB_STATE_RUNNING)
+        )
+    )
+    await asyncio.sleep(0.1)
+    got = await admin.GetJob(admin_pb2.GetJobRequest(job_id=job.id))
+    assert got.state == common_pb2.JOB_STATE_SUCCEEDED and got.snapshot_id == "ef" * 16
+    listed = await admin.ListJobs(admin_pb2.ListJobsRequest(agent="node1"))
+    assert [j.id for j in listed.jobs] == [job.id]
+    await expect_code(
+        admin.GetJob(admin_pb2.GetJobRequest(job_id="nope")), grpc.StatusCode.NOT_FOUND
+    )
+
+
+async def test_disconnect_fails_running_jobs(env: Env) -> None:
+    await init_repo(env)
+    call, _ = await connect(env)
+    started = await env.admin().StartBackup(admin_pb2.StartBackupRequest(agent="node1"))
+    job_id = started.jobs[0].id
+    call.cancel()
+    for _ in range(100):
+        got = await env.admin().GetJob(admin_pb2.GetJobRequest(job_id=job_id))
+        if got.state == common_pb2.JOB_STATE_FAILED:
+            break
+        await asyncio.sleep(0.05)
+    assert got.state == common_pb2.JOB_STATE_FAILED
+    assert got.error == "agent disconnected"
+
+
+async def test_download_needs_restore_job(env: Env) -> None:
+    await init_repo(env)
+    info, ids = await stored_snapshot(env)
+    stub = env.agent()
+
+    async def download(job_id: str, want: list[bytes], who: str = "node1") -> list[Any]:
+        out = []
+        async for r in env.agent(who).DownloadBlobs(
+            agent_pb2.DownloadRequest(job_id=job_id, ids=wire.pack_ids(want)), timeout=TIMEOUT
+        ):
+            out.extend(r.blobs)
+        return out
+
+    await expect_code(download("", ids), grpc.StatusCode.PERMISSION_DENIED, "no active restore")
+    await expect_code(
+        stub.GetKeys(agent_pb2.GetKeysRequest(job_id="x", key_ids=[b"k" * 16])),
+        grpc.StatusCode.PERMISSION_DENIED,
+    )
+
+    # A restore job for node2 (an operator may restore onto another node).
+    call, _ = await connect(env, "node2")
+    admin = env.admin()
+    await expect_code(
+        admin.StartRestore(
+            admin_pb2.StartRestoreRequest(snapshot_id=info.id[:8], agent="node2", target="rel")
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "absolute",
+    )
+    job = await admin.StartRestore(
+        admin_pb2.StartRestoreRequest(snapshot_id=info.id[:8], agent="node2", target="/restore")
+    )
+    assert job.kind == common_pb2.JOB_KIND_RESTORE and job.snapshot_id == info.id
+    cmd = (await asyncio.wait_for(call.read(), TIMEOUT)).command
+    assert cmd.restore.snapshot.id == info.id and cmd.restore.target == "/restore"
+
+    got = await download(job.id, ids, "node2")
+    assert {b.id for b in got} == set(ids) and all(b.envelope for b in got)
+    # Not for another agent, and not for blobs outside the snapshot.
+    await expect_code(download(job.id, ids, "node1"), grpc.StatusCode.PERMISSION_DENIED)
+    await expect_code(
+        download(job.id, [blob(99)[0]], "node2"),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "not referenced",
+    )
+    keys = await env.agent("node2").GetKeys(agent_pb2.GetKeysRequest(job_id=job.id, key_ids=[]))
+    assert list(keys.keys) == []
+
+
+# -- the daemon -----------------------------------------------------------------------
+
+
+async def _start_daemon(config: Path) -> tuple[asyncio.subprocess.Process, int]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "coordinator.main",
+        "--config",
+        str(config),
+        cwd=REPO_ROOT,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    while True:
+        line = (await asyncio.wait_for(proc.stderr.readline(), TIMEOUT)).decode()
+        assert line, "coordinator exited before listening"
+        if m := re.fullmatch(r"coordinator listening on 127\.0\.0\.1:(\d+)\n", line):
+            return proc, int(m.group(1))
+
+
+async def test_daemon_serves_and_stops(tmp_path: Path) -> None:
+    ca = TestCA(tmp_path / "pki")
+    server_tls = ca.issue("coordinator", "coordinator", server=True)
+    admin_tls = ca.issue("ops", "admin")
+    body = (
+        '[coordinator]\ndata_dir = "data"\nlisten = "127.0.0.1:{port}"\n'
+        f'[tls]\nca = "{server_tls.ca}"\ncert = "{server_tls.cert}"\nkey = "{server_tls.key}"\n'
+    )
+    cfg = tmp_path / "coordinator.toml"
+    cfg.write_text(body.format(port=0))
+    proc, port = await _start_daemon(cfg)
+    try:
+        async with grpc.aio.secure_channel(
+            f"127.0.0.1:{port}", tls.channel_credentials(admin_tls), options=wire.CHANNEL_OPTIONS
+        ) as ch:
+            stub = admin_pb2_grpc.AdminServiceStub(ch)
+            await expect_code(
+                stub.GetRepository(admin_pb2.GetRepositoryRequest()),
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "no repository",
+            )
+        # A second coordinator on the same port fails before touching the repository.
+        busy = tmp_path / "busy.toml"
+        busy.write_text(body.format(port=port).replace('"data"', '"data2"'))
+        second = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "coordinator.main",
+            "--config",
+            str(busy),
+            cwd=REPO_ROOT,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, err = await asyncio.wait_for(second.communicate(), TIMEOUT)
+        assert second.returncode == 1
+        assert b"already in use" in err
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rest = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode == 0, rest
+
+
+async def test_daemon_config_error_exits_2(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text('[coordinator]\ndata_dir = "d"\nbogus = 1\n')
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "coordinator.main",
+        "--config",
+        str(cfg),
+        cwd=REPO_ROOT,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), TIMEOUT)
+    assert proc.returncode == 2
+    assert err.decode() == f"clawback-coordinator: {cfg}: coordinator.bogus: unknown key\n"
+
+
+async def test_failed_upload_discards_open_pack(env: Env) -> None:
+    good = blob(7)
+
+    async def reqs() -> AsyncIterator[agent_pb2.UploadRequest]:
+        yield agent_pb2.UploadRequest(
+            blobs=[agent_pb2.BlobData(id=good[0], type=common_pb2.BLOB_TYPE_DATA, envelope=good[1])]
+        )
+        yield agent_pb2.UploadRequest(
+            blobs=[agent_pb2.BlobData(id=b"\x02" * 32, type=9, envelope=b"x" * 100)]
+        )
+
+    await expect_code(
+        env.agent().UploadBlobs(reqs()), grpc.StatusCode.INVALID_ARGUMENT, "invalid blob type"
+    )
+    resp = await env.agent().MissingBlobs(agent_pb2.MissingBlobsRequest(ids=good[0]))
+    assert wire.read_bitmap(resp.missing, 1) == [True]
