@@ -1,0 +1,154 @@
+"""bench.run: the step loop, metering and reporting, driven with a stand-in tool (cp -a and a sleeping "daemon")."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bench import run
+from bench.run import (
+    Meter,
+    StepResult,
+    ToolError,
+    ToolResult,
+    disk_usage,
+    format_table,
+    latest_snapshot,
+)
+
+
+class CopyTool:
+    """Backs up with `cp -a` into numbered snapshot dirs; a sleeping child stands in for a daemon."""
+
+    name = "copy"
+
+    def __init__(self, fail_restore: bool = False) -> None:
+        self.fail_restore = fail_restore
+        self.daemon: subprocess.Popen[bytes] | None = None
+
+    def start(self, workdir: Path, source: Path) -> None:
+        self.repo = workdir / "repo"
+        self.repo.mkdir(parents=True)
+        self.source = source
+        self.daemon = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+
+    def backup(self) -> str:
+        sid = f"snap{len(list(self.repo.iterdir()))}"
+        subprocess.run(["cp", "-a", str(self.source), str(self.repo / sid)], check=True)
+        return sid
+
+    def restore(self, snapshot: str, target: Path) -> None:
+        if self.fail_restore:
+            raise ToolError("restore refused")
+        subprocess.run(["cp", "-a", str(self.repo / snapshot), str(target)], check=True)
+
+    def size(self) -> int:
+        return disk_usage(self.repo)
+
+    def processes(self) -> dict[str, int]:
+        assert self.daemon is not None
+        return {"daemon": self.daemon.pid}
+
+    def stop(self) -> None:
+        if self.daemon is not None:
+            self.daemon.kill()
+            self.daemon.wait()
+            self.daemon = None
+
+
+def test_run_tool_end_to_end(tmp_path: Path) -> None:
+    tool = CopyTool()
+    res, manifest = run.run_tool(tool, tmp_path, "3M", seed=1, log=lambda _: None)
+    assert res.error is None, res.error
+    assert [s.step for s in res.steps] == list(run.STEPS)
+    assert res.verified is True and res.differences == []
+    assert res.mutation and res.mutation["rewritten_files"] > 0
+    full, unchanged, mutated, restore = res.steps
+    assert full.source_bytes == manifest.total_bytes
+    assert 0 < full.repo_bytes < unchanged.repo_bytes < mutated.repo_bytes  # type: ignore[operator]
+    assert restore.repo_bytes is None and restore.snapshot == mutated.snapshot == "snap2"
+    for s in res.steps:
+        assert s.wall_s > 0 and s.mb_per_s > 0
+        assert set(s.cpu_s) == {"daemon", "cli"}
+        assert s.peak_rss_bytes["daemon"] > 1 << 20
+    assert tool.daemon is None  # stopped
+    table = format_table(res)
+    assert "backup-mutated" in table and "restore verified: identical" in table
+
+
+def test_a_failing_step_stops_the_tool_and_is_reported(tmp_path: Path) -> None:
+    res, _ = run.run_tool(CopyTool(fail_restore=True), tmp_path, "2M", seed=1, log=lambda _: None)
+    assert res.error == "restore: restore refused"
+    assert res.verified is None
+    assert "(failed)" in format_table(res)
+
+
+def test_meter_counts_cpu_and_peak_rss_of_a_daemon_and_its_children() -> None:
+    busy = (
+        "import subprocess, sys, time\n"
+        "sys.stdin.readline()\n"
+        "x = bytearray(64 << 20)\n"  # 64 MiB touched: RSS rises
+        "subprocess.run([sys.executable, '-c', 'import time\\nt = time.process_time()\\n"
+        "while time.process_time() - t < 0.3: pass'])\n"
+        "t = time.process_time()\n"
+        "while time.process_time() - t < 0.3: pass\n"
+        "print('done', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    p = subprocess.Popen(
+        [sys.executable, "-c", busy], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        time.sleep(0.3)
+        with Meter({"d": p.pid}, interval=0.05) as m:
+            assert p.stdin and p.stdout
+            p.stdin.write("go\n")
+            p.stdin.flush()
+            assert p.stdout.readline() == "done\n"
+            subprocess.run([sys.executable, "-c", "pass"], check=True)
+        # 0.3 s own + 0.3 s in a child that exited (counted through cutime)
+        assert m.cpu["d"] >= 0.5, m.cpu
+        assert m.cpu["cli"] > 0
+        assert m.peaks["d"] >= 64 << 20
+        assert m.hwm_reset
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_latest_snapshot_parsing() -> None:
+    listing = [
+        {"id": "a1", "agent": "node1", "source": "data", "finished_ns": 5},
+        {"id": "b2", "agent": "node1", "source": "data", "finished_ns": 9},
+        {"id": "c3", "agent": "node2", "source": "data", "finished_ns": 99},
+    ]
+    assert latest_snapshot(listing, "node1", "data") == "b2"
+    assert latest_snapshot({"snapshots": listing}, "node2", "data") == "c3"
+    assert latest_snapshot([], "node1", "data") is None
+    assert run._find_key({"job": {"state": "DONE", "snapshot_id": "x9"}}, ("snapshot_id",)) == "x9"
+
+
+def test_main_writes_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(run.TOOLS, "copy", CopyTool)
+    out = tmp_path / "r.json"
+    rc = run.main(
+        ["--size", "2M", "--workdir", str(tmp_path / "w"), "--json", str(out), "--tools", "copy"]
+    )
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["results"][0]["tool"] == "copy" and report["results"][0]["verified"] is True
+    assert report["volume"]["files"] > 0 and report["host"]["cpus"] == os.cpu_count()
+    assert not (tmp_path / "w").exists()  # cleaned up without --keep
+
+
+def test_format_table_handles_missing_values() -> None:
+    res = ToolResult(
+        tool="t", steps=[StepResult(step="backup-full", wall_s=1.0, cpu_s={"cli": 0.1})]
+    )
+    assert "backup-full" in format_table(res)
