@@ -85,7 +85,7 @@ class BackupResult:
 class _Entry:
     """One walked entry; FILE entries are filled in by the file stage."""
 
-    __slots__ = ("dir", "node", "ok", "path", "primary", "rel", "st")
+    __slots__ = ("cached", "dir", "node", "ok", "path", "primary", "rel", "st")
 
     def __init__(
         self, node: repo_pb2.Node, path: bytes, rel: bytes, st: os.stat_result | None
@@ -95,6 +95,7 @@ class _Entry:
         self.rel = rel  # relative to the root: the files cache key
         self.st = st
         self.ok = True
+        self.cached = False  # content ids taken from the files cache: the file was not read
         self.primary: _Entry | None = None  # hard link: the entry whose content this one shares
         self.dir: _Dir | None = None
 
@@ -587,6 +588,7 @@ class _Backup:
                 reread.append(f)
             else:
                 unchanged += 1
+                f.cached = True
                 self.p.blobs_dedup += len(f.node.content)
                 self.p.bytes_done += f.node.size
         self.p.files_unchanged += unchanged
@@ -700,7 +702,9 @@ class _Backup:
             async with asyncio.TaskGroup() as tg:
                 for _ in range(self.workers * 2):
                     tg.create_task(self._file_task(units))
-            self.p.files_done += len(self.links)  # hard links share their first link's content
+            # Hard links share their first link's content: unchanged when it was.
+            self.p.files_done += len(self.links)
+            self.p.files_unchanged += sum(1 for f in self.links if f.primary and f.primary.cached)
             root_id, parts, data_refs = await self.run_cpu(self._build_trees, top)
             for m in self.warn_later:
                 self.warn(m)

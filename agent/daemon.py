@@ -137,7 +137,7 @@ class AgentDaemon:
                     self._heartbeats(session, welcome.heartbeat_interval_s or 10)
                 )
                 try:
-                    async for msg in call:
+                    while (msg := await call.read()) is not grpc.aio.EOF:
                         if msg.HasField("command"):
                             self._dispatch(session, repo, repo_cfg, welcome.agent, msg.command)
                 finally:

@@ -47,6 +47,8 @@ def snapshot_path(path: str) -> bytes:
     raw = os.fsencode(path)
     if b"\0" in raw:
         raise UsageError(f"path {path!r} contains NUL")
+    if b".." in raw.split(b"/"):
+        raise UsageError(f"path {path!r}: '..' is not allowed; paths name entries inside the snapshot")
     return posixpath.normpath(b"/" + raw).lstrip(b"/")
 
 

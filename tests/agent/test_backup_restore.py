@@ -208,7 +208,8 @@ async def test_second_backup_reads_nothing_and_uploads_no_data(env: Env, workdir
     progress: list[common_pb2.Progress] = []
     r2 = await backup(env, src, parent=r1.info.id, on_progress=progress.append)
     assert r2.files_read == 0
-    assert r2.progress.files_unchanged == 11 and progress[-1].files_unchanged == 11
+    # All 13 names are unchanged: the two extra hard links share their (unread) first link's content.
+    assert r2.progress.files_unchanged == 13 and progress[-1].files_unchanged == 13
     assert r2.data_blobs_new == 0 and len(env.repo.data_sent()) == sent
     assert r2.info.parent == r1.info.id and r2.info.id != r1.info.id
     # A changed file is read again; the cache is not consulted for it.

@@ -46,7 +46,11 @@ def test_good_config(tmp_path: Path) -> None:
         (('path = "/srv/uploads"', 'path = "srv"'), "source[0].path", "absolute"),
         (('name = "uploads"', 'name = "bad name!"'), "source[0].name", "valid source name"),
         (('provider = "file"', 'provider = "vault"'), "keys.provider", "one of"),
-        (('[[source]]\nname = "uploads"', '[[source]]\nkind = "redis"\nname = "uploads"'), "source[0].kind", "not supported"),
+        (
+            ('[[source]]\nname = "uploads"', '[[source]]\nkind = "redis"\nname = "uploads"'),
+            "source[0].kind",
+            "not supported",
+        ),
         (("[agent]\n", "[agent]\nstate_dri = 1\n"), "agent.state_dri", "unknown key"),
         (('cert = "a.pem"\n', ""), "tls.cert", "required"),
     ],
