@@ -438,9 +438,6 @@ class _Restore:
     def _make_special(self, dfd: int, rel: Rel, node: repo_pb2.Node) -> None:
         name = rel[-1]
         kind = node.type
-        if kind == SOCKET:
-            self.result.skipped.append(f"{_show(rel)}: socket not recreated")
-            return
         if kind in (CHARDEV, BLOCKDEV) and not self.is_root:
             self.result.skipped.append(f"{_show(rel)}: device not recreated (needs root)")
             return
@@ -451,6 +448,9 @@ class _Restore:
                 os.symlink(node.link_target, name, dir_fd=dfd)
             elif kind == FIFO:
                 os.mkfifo(name, 0o600, dir_fd=dfd)
+            elif kind == SOCKET:
+                # The socket node itself (no listener): mknod(S_IFSOCK) needs no privilege.
+                os.mknod(name, stat.S_IFSOCK | 0o600, dir_fd=dfd)
             else:
                 ftype = stat.S_IFCHR if kind == CHARDEV else stat.S_IFBLK
                 os.mknod(name, ftype | 0o600, node.rdev, dir_fd=dfd)

@@ -27,10 +27,10 @@ def step(msg: str) -> None:
 def show(cluster: DevCluster, *args: str) -> str:
     print(f"$ clawback {' '.join(args)}", flush=True)
     out = cluster.cli(*args)
+    if out.stderr:  # progress lines come before the final table
+        print(out.stderr.rstrip(), flush=True)
     if out.stdout:
         print(out.stdout.rstrip(), flush=True)
-    if out.stderr:
-        print(out.stderr.rstrip(), file=sys.stderr, flush=True)
     return out.stdout
 
 
