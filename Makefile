@@ -19,7 +19,8 @@ $(STAMP): pyproject.toml deploy/scripts/system-deps.sh
 demo: setup
 	$(BIN)/python -m deploy.demo
 
-test: setup
+# CI runs exactly this (.ci/run). pytest's exit 5 (no tests collected) fails the target like any other error.
+test: setup lint typecheck
 	$(BIN)/python -m pytest tests
 
 test-fast: setup

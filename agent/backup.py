@@ -37,14 +37,11 @@ from agent.repo import Blob, RepoClient, UploadStream
 from agent.tree import (
     DIR,
     FILE,
-    ROOT_NAME,
     SYMLINK,
     Owners,
     add_xattrs,
     node_from_stat,
     read_xattrs,
-    serialize_root,
-    serialize_tree,
 )
 from core.chunker import Chunker, params
 from core.chunkid import IdHasher
@@ -54,6 +51,7 @@ from core.envelope import SealingKey, seal
 from core.errors import KeyMaterialError, NotFound, UsageError
 from core.format import MAX_IDS_PER_QUERY, RepoConfig
 from core.keys import KeyProvider
+from core.tree import ROOT_NAME, encode_root, encode_tree
 from protos.clawback.v1 import common_pb2, repo_pb2
 
 DATA = common_pb2.BLOB_TYPE_DATA
@@ -671,13 +669,13 @@ class _Backup:
                 if c.node.type == FILE:
                     data_refs.update(c.node.content)
                 nodes.append(c.node)
-            parts = serialize_tree(nodes)
+            parts = encode_tree(nodes)
             ids = [blob_id(p) for p in parts]
             for i, p in zip(ids, parts, strict=True):
                 parts_out.setdefault(i, p)
             del d.node.subtree[:]
             d.node.subtree.extend(ids)
-        root = serialize_root(top.node)
+        root = encode_root(top.node)
         root_id = blob_id(root)
         parts_out.setdefault(root_id, root)
         return root_id, list(parts_out.items()), data_refs

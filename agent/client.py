@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import grpc
 
@@ -43,7 +43,14 @@ class _Upload:
             await self._finish()  # raises the translated error
 
     async def send(self, blobs: Sequence[Blob]) -> None:
-        msg = [agent_pb2.BlobData(id=b.id, type=b.type, envelope=b.envelope) for b in blobs]
+        msg = [
+            agent_pb2.BlobData(
+                id=b.id,
+                type=cast(common_pb2.BlobType.ValueType, b.type),
+                envelope=b.envelope or b"",
+            )
+            for b in blobs
+        ]
         await self._raise_if_failed()
         put = asyncio.ensure_future(self._queue.put(msg))
         done, _ = await asyncio.wait({put, self._result}, return_when=asyncio.FIRST_COMPLETED)

@@ -55,7 +55,7 @@ class Session:
         """Queue a message; safe from worker threads (callbacks keep their order)."""
         self.loop.call_soon_threadsafe(self.outgoing.put_nowait, msg)
 
-    def update(self, job_id: str, state: int, **fields: Any) -> None:
+    def update(self, job_id: str, state: common_pb2.JobState.ValueType, **fields: Any) -> None:
         self.send(
             agent_pb2.AgentMessage(
                 job_update=agent_pb2.JobUpdate(job_id=job_id, state=state, **fields)
@@ -192,7 +192,8 @@ class AgentDaemon:
         )
         task = asyncio.create_task(coro)
         session.jobs[cmd.job_id] = task
-        task.add_done_callback(lambda _t, j=cmd.job_id: session.jobs.pop(j, None))
+        job_id = cmd.job_id
+        task.add_done_callback(lambda _t: session.jobs.pop(job_id, None))
 
     def _progress_sink(self, session: Session, job_id: str) -> Any:
         last = [0.0]

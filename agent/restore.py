@@ -39,8 +39,6 @@ from agent.tree import (
     FILE,
     SOCKET,
     SYMLINK,
-    parse_root,
-    parse_tree,
 )
 from core.chunkid import IdHasher
 from core.clock import SYSTEM, Clock
@@ -48,6 +46,7 @@ from core.envelope import SealingKey, key_id_of, open_
 from core.errors import ClawbackError, IntegrityError, KeyMaterialError, UsageError
 from core.format import RepoConfig
 from core.keys import KeyProvider
+from core.tree import decode_tree
 from protos.clawback.v1 import common_pb2, repo_pb2
 
 DATA = common_pb2.BLOB_TYPE_DATA
@@ -315,7 +314,7 @@ class _Restore:
         got = (await self.fetch([root_id], TREE))[root_id]
         if isinstance(got, ClawbackError):
             raise got
-        root = parse_root(got)
+        root = decode_tree([got], root=True).nodes[0]
         self.dirs.append(((), root))
         level: list[tuple[Rel, repo_pb2.Node]] = [((), root)]
         found: set[Rel] = set()
@@ -334,7 +333,7 @@ class _Restore:
                     self.error(f"{_show(rel)}: directory contents not restored: {bad}")
                     continue
                 try:
-                    children = parse_tree(b"".join(parts))  # type: ignore[arg-type]
+                    children = decode_tree(parts).nodes  # type: ignore[arg-type]
                 except IntegrityError as exc:
                     self.error(f"{_show(rel)}: directory contents not restored: {exc}")
                     continue

@@ -1,4 +1,4 @@
-"""Directory trees (design.md §Trees): Nodes from lstat, deterministic Tree serialization in parts, validated parsing."""
+"""Tree nodes from the filesystem: lstat, owners and xattrs into `repo_pb2.Node` (design.md §Trees; the codec is core/tree.py)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,8 @@ import grp
 import os
 import pwd
 import stat
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
-from core.errors import IntegrityError
-from core.format import ID_SIZE, TREE_PART_SIZE
 from protos.clawback.v1 import repo_pb2
 
 Node = repo_pb2.Node
@@ -32,9 +30,7 @@ NODE_TYPES: dict[int, repo_pb2.NodeType.ValueType] = {
     stat.S_IFCHR: CHARDEV,
     stat.S_IFBLK: BLOCKDEV,
 }
-_KNOWN_TYPES = frozenset(NODE_TYPES.values())
 _NO_XATTRS = frozenset({errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENODATA})
-ROOT_NAME = b"."
 
 
 class Owners:
@@ -126,94 +122,3 @@ def read_xattrs(path: bytes | int) -> list[tuple[bytes, bytes]]:
 def add_xattrs(node: repo_pb2.Node, xattrs: Iterable[tuple[bytes, bytes]]) -> None:
     for name, value in xattrs:
         node.xattrs.add(name=name, value=value)
-
-
-def serialize_tree(nodes: Sequence[repo_pb2.Node]) -> list[bytes]:
-    """The serialized Tree of `nodes` (sorted bytewise by name) cut into parts of at most TREE_PART_SIZE.
-
-    Deterministic: equal directories give equal parts, hence equal ids. An
-    empty directory is one empty part. Raises ValueError on duplicate or invalid names.
-    """
-    ordered = sorted(nodes, key=_name)
-    prev = None
-    for n in ordered:
-        check_name(n.name, ValueError)
-        if n.name == prev:
-            raise ValueError(f"duplicate name {n.name!r} in a tree")
-        prev = n.name
-    data = repo_pb2.Tree(nodes=ordered).SerializeToString(deterministic=True)
-    if not data:
-        return [b""]
-    return [data[i : i + TREE_PART_SIZE] for i in range(0, len(data), TREE_PART_SIZE)]
-
-
-def serialize_root(node: repo_pb2.Node) -> bytes:
-    """The root blob: a Tree with exactly one DIR node named `.` (design.md §Trees)."""
-    if node.name != ROOT_NAME or node.type != DIR:
-        raise ValueError("the root node must be a directory named '.'")
-    data = repo_pb2.Tree(nodes=[node]).SerializeToString(deterministic=True)
-    if len(data) > TREE_PART_SIZE:
-        raise ValueError("root tree too large")
-    return data
-
-
-def _name(n: repo_pb2.Node) -> bytes:
-    return n.name
-
-
-def check_name(name: bytes, exc: type[Exception] = IntegrityError) -> None:
-    """Refuse a name that could escape its directory: empty, '.', '..', or containing '/' or NUL."""
-    if not name or name in (b".", b"..") or b"/" in name or b"\0" in name:
-        raise exc(f"invalid entry name {name!r} in a tree")
-
-
-def parse_tree(data: bytes | bytearray | memoryview) -> list[repo_pb2.Node]:
-    """Parse the concatenated parts of one directory's Tree and validate every node (IntegrityError)."""
-    tree = _decode(data)
-    prev = None
-    for n in tree.nodes:
-        check_name(n.name)
-        if prev is not None and n.name <= prev:
-            raise IntegrityError(f"tree entries not sorted or duplicated at {n.name!r}")
-        prev = n.name
-        validate_node(n)
-    return list(tree.nodes)
-
-
-def parse_root(data: bytes | bytearray | memoryview) -> repo_pb2.Node:
-    """The root node of a snapshot's root blob (exactly one DIR node named '.')."""
-    tree = _decode(data)
-    if len(tree.nodes) != 1 or tree.nodes[0].name != ROOT_NAME or tree.nodes[0].type != DIR:
-        raise IntegrityError("root tree must hold exactly one directory node named '.'")
-    node = tree.nodes[0]
-    validate_node(node)
-    return node
-
-
-def validate_node(n: repo_pb2.Node) -> None:
-    """Structural checks a reader relies on (IntegrityError)."""
-    if n.type not in _KNOWN_TYPES:
-        raise IntegrityError(f"entry {n.name!r} has unknown type {n.type}")
-    if n.type == FILE:
-        if len(n.content) != len(n.content_sizes):
-            raise IntegrityError(f"file {n.name!r}: content ids and sizes differ in number")
-        if sum(n.content_sizes) != n.size:
-            raise IntegrityError(f"file {n.name!r}: chunk sizes do not add up to its size")
-        for cid in n.content:
-            if len(cid) != ID_SIZE:
-                raise IntegrityError(f"file {n.name!r}: malformed chunk id")
-    elif n.type == DIR:
-        if not n.subtree:
-            raise IntegrityError(f"directory {n.name!r} has no subtree")
-        for tid in n.subtree:
-            if len(tid) != ID_SIZE:
-                raise IntegrityError(f"directory {n.name!r}: malformed subtree id")
-
-
-def _decode(data: bytes | bytearray | memoryview) -> repo_pb2.Tree:
-    tree = repo_pb2.Tree()
-    try:
-        tree.ParseFromString(bytes(data))
-    except Exception as exc:  # google.protobuf.message.DecodeError
-        raise IntegrityError(f"tree does not parse: {exc}") from None
-    return tree

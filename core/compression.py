@@ -48,7 +48,9 @@ def decompress(data: bytes | memoryview, max_size: int) -> bytes:
         # A frame that declares its size is allocated at that size: check it first.
         declared = zstandard.frame_content_size(data)
         if declared > max_size:
-            raise IntegrityError(f"blob declares {declared} bytes, more than the {max_size} allowed")
+            raise IntegrityError(
+                f"blob declares {declared} bytes, more than the {max_size} allowed"
+            )
         return d.decompress(data, max_output_size=max_size)
     except zstandard.ZstdError as exc:
         raise IntegrityError(f"blob does not decompress: {exc}") from exc

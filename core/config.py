@@ -9,27 +9,30 @@ from typing import Any
 from core.errors import ConfigError
 
 _MISSING: Any = object()
+# Table's methods are named after the types they read; these names keep the builtins reachable.
+_Str = str
+_Bool = bool
 
 
 class Table:
     """A TOML table that knows where it came from, so every error can say file + dotted key."""
 
-    def __init__(self, data: dict[str, Any], file: str, prefix: str = "") -> None:
+    def __init__(self, data: dict[_Str, Any], file: _Str, prefix: _Str = "") -> None:
         self._data = data
         self.file = file
         self.prefix = prefix
-        self._seen: set[str] = set()
+        self._seen: set[_Str] = set()
 
-    def _key(self, key: str) -> str:
+    def _key(self, key: _Str) -> _Str:
         return f"{self.prefix}{key}"
 
-    def error(self, key: str, reason: str) -> ConfigError:
+    def error(self, key: _Str, reason: _Str) -> ConfigError:
         return ConfigError(self.file, self._key(key), reason)
 
-    def has(self, key: str) -> bool:
+    def has(self, key: _Str) -> _Bool:
         return key in self._data
 
-    def _get(self, key: str, default: Any, kind: type | tuple[type, ...], kind_name: str) -> Any:
+    def _get(self, key: _Str, default: Any, kind: type | tuple[type, ...], kind_name: _Str) -> Any:
         self._seen.add(key)
         if key not in self._data:
             if default is _MISSING:
@@ -42,16 +45,16 @@ class Table:
             raise self.error(key, f"must be {kind_name}, not {type(value).__name__} {value!r}")
         return value
 
-    def str(self, key: str, default: Any = _MISSING, choices: tuple[str, ...] = ()) -> Any:
-        value = self._get(key, default, str, "a string")
+    def str(self, key: _Str, default: Any = _MISSING, choices: tuple[_Str, ...] = ()) -> Any:
+        value = self._get(key, default, _Str, "a string")
         if choices and value not in choices:
             raise self.error(key, f"must be one of {', '.join(choices)}, not {value!r}")
-        if value is not None and isinstance(value, str) and not value and default is _MISSING:
+        if value is not None and isinstance(value, _Str) and not value and default is _MISSING:
             raise self.error(key, "must not be empty")
         return value
 
     def int(
-        self, key: str, default: Any = _MISSING, min: int | None = None, max: int | None = None
+        self, key: _Str, default: Any = _MISSING, min: int | None = None, max: int | None = None
     ) -> Any:
         value = self._get(key, default, int, "an integer")
         if isinstance(value, int):
@@ -61,34 +64,34 @@ class Table:
                 raise self.error(key, f"must be at most {max}, not {value}")
         return value
 
-    def float(self, key: str, default: Any = _MISSING, min: float | None = None) -> Any:
+    def float(self, key: _Str, default: Any = _MISSING, min: float | None = None) -> Any:
         value = self._get(key, default, (int, float), "a number")
         if isinstance(value, (int, float)) and min is not None and value < min:
             raise self.error(key, f"must be at least {min}, not {value}")
         return float(value) if isinstance(value, (int, float)) else value
 
-    def bool(self, key: str, default: Any = _MISSING) -> Any:
+    def bool(self, key: _Str, default: Any = _MISSING) -> Any:
         return self._get(key, default, bool, "true or false")
 
-    def str_list(self, key: str, default: Any = _MISSING) -> Any:
+    def str_list(self, key: _Str, default: Any = _MISSING) -> Any:
         value = self._get(key, default, list, "a list of strings")
         if isinstance(value, list):
             for i, item in enumerate(value):
-                if not isinstance(item, str):
+                if not isinstance(item, _Str):
                     raise self.error(f"{key}[{i}]", f"must be a string, not {item!r}")
         return value
 
-    def path(self, key: str, default: Any = _MISSING, base: Path | None = None) -> Any:
+    def path(self, key: _Str, default: Any = _MISSING, base: Path | None = None) -> Any:
         """A path; relative paths are taken relative to the config file's directory."""
         value = self.str(key, default)
-        if not isinstance(value, str):
+        if not isinstance(value, _Str):
             return value
         p = Path(value)
         if not p.is_absolute():
             p = (base or Path(self.file).parent) / p
         return p
 
-    def table(self, key: str, required: bool = False) -> Table:
+    def table(self, key: _Str, required: _Bool = False) -> Table:
         self._seen.add(key)
         value = self._data.get(key)
         if value is None:
@@ -99,7 +102,7 @@ class Table:
             raise self.error(key, "must be a table ([section])")
         return Table(value, self.file, f"{self._key(key)}.")
 
-    def tables(self, key: str) -> list[Table]:
+    def tables(self, key: _Str) -> list[Table]:
         self._seen.add(key)
         value = self._data.get(key, [])
         if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):

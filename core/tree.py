@@ -34,6 +34,16 @@ def encode_tree(nodes: Iterable[repo_pb2.Node], part_size: int = TREE_PART_SIZE)
     return [data[i : i + part_size] for i in range(0, len(data), part_size)]
 
 
+def encode_root(node: repo_pb2.Node) -> bytes:
+    """The snapshot's root blob: a Tree holding exactly one DIR node named `.`."""
+    if node.name != ROOT_NAME or node.type != repo_pb2.NODE_TYPE_DIR:
+        raise ValueError("the root node must be a directory named '.'")
+    data = repo_pb2.Tree(nodes=[node]).SerializeToString(deterministic=True)
+    if len(data) > TREE_PART_SIZE:
+        raise ValueError("root tree larger than one part")
+    return data
+
+
 def decode_tree(parts: Sequence[bytes], *, root: bool = False) -> repo_pb2.Tree:
     """Parse and validate a tree from its parts, in order.
 
@@ -78,6 +88,7 @@ def _check_name(name: bytes) -> None:
 
 
 def _check_node(node: repo_pb2.Node) -> None:
+    """Structural checks every reader relies on."""
     name = node.name
     if node.type not in repo_pb2.NodeType.values() or node.type == repo_pb2.NODE_TYPE_UNSPECIFIED:
         raise IntegrityError(f"tree node {name!r} has unknown type {node.type}")
@@ -85,6 +96,10 @@ def _check_node(node: repo_pb2.Node) -> None:
         raise IntegrityError(
             f"tree node {name!r} has {len(node.content)} content ids but {len(node.content_sizes)} sizes"
         )
+    if node.type == repo_pb2.NODE_TYPE_FILE and sum(node.content_sizes) != node.size:
+        raise IntegrityError(f"tree node {name!r}: chunk sizes do not add up to its size")
+    if node.type == repo_pb2.NODE_TYPE_DIR and not node.subtree:
+        raise IntegrityError(f"tree node {name!r} is a directory without a subtree")
     for blob_id in (*node.content, *node.subtree):
         if len(blob_id) != ID_SIZE:
             raise IntegrityError(f"tree node {name!r} names a blob id of {len(blob_id)} bytes")

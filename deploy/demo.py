@@ -15,7 +15,6 @@ from pathlib import Path
 
 from bench.generate import generate
 from bench.verify import compare_trees
-
 from deploy.devcluster import ClusterError, DevCluster
 from deploy.sample import make_tricky_tree
 
@@ -55,7 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     cluster = DevCluster(work / "cluster", {"node1": {"data": data}, "node2": {}})
     t0 = time.monotonic()
     try:
-        step("starting a coordinator and two agents (mTLS on loopback, development CA and key file)")
+        step(
+            "starting a coordinator and two agents (mTLS on loopback, development CA and key file)"
+        )
         cluster.start()
         print(f"   coordinator at {cluster.address}; repository {cluster.repo_dir}")
         show(cluster, "agents")
@@ -87,8 +88,17 @@ def main(argv: list[str] | None = None) -> int:
 
         snaps = cluster.cli_json("snapshots")
         print("\nsummary:")
-        print(json.dumps({"snapshots": len(snaps), "seconds": round(time.monotonic() - t0, 1),
-                          "verified": True, "workdir": str(work)}, indent=1))
+        print(
+            json.dumps(
+                {
+                    "snapshots": len(snaps),
+                    "seconds": round(time.monotonic() - t0, 1),
+                    "verified": True,
+                    "workdir": str(work),
+                },
+                indent=1,
+            )
+        )
         return 0
     except ClusterError as exc:
         print(f"demo failed: {exc}", file=sys.stderr)

@@ -15,7 +15,9 @@ from deploy.devcluster import DevCluster
 
 def _require_root(what: str) -> None:
     if os.geteuid() != 0:
-        pytest.fail(f"{what} needs root (mounts, chown); run the suite as root as CI does", pytrace=False)
+        pytest.fail(
+            f"{what} needs root (mounts, chown); run the suite as root as CI does", pytrace=False
+        )
 
 
 @pytest.fixture
@@ -44,8 +46,11 @@ def small_fs(tmp_path: Path) -> Iterator[Callable[[int], Path]]:
         _require_root("a size-limited filesystem")
         d = tmp_path / f"smallfs{len(mounts)}"
         d.mkdir()
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mib}m", "tmpfs", str(d)],
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size_mib}m", "tmpfs", str(d)],
+            capture_output=True,
+            text=True,
+        )
         if r.returncode != 0:
             pytest.fail(f"cannot mount a tmpfs at {d}: {r.stderr.strip()}", pytrace=False)
         mounts.append(d)

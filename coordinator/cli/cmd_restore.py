@@ -48,7 +48,9 @@ def snapshot_path(path: str) -> bytes:
     if b"\0" in raw:
         raise UsageError(f"path {path!r} contains NUL")
     if b".." in raw.split(b"/"):
-        raise UsageError(f"path {path!r}: '..' is not allowed; paths name entries inside the snapshot")
+        raise UsageError(
+            f"path {path!r}: '..' is not allowed; paths name entries inside the snapshot"
+        )
     return posixpath.normpath(b"/" + raw).lstrip(b"/")
 
 

@@ -1,11 +1,9 @@
-"""Tests for agent/tree.py: Nodes from lstat, deterministic serialization in parts, validated parsing."""
+"""Tests for agent/tree.py: Nodes from lstat, owners and xattrs (the codec is tested in tests/core/test_tree.py)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-
-import pytest
 
 from agent import tree
 from agent.tree import (
@@ -15,13 +13,8 @@ from agent.tree import (
     SYMLINK,
     Owners,
     node_from_stat,
-    parse_root,
-    parse_tree,
     read_xattrs,
-    serialize_root,
-    serialize_tree,
 )
-from core.errors import IntegrityError
 from protos.clawback.v1 import repo_pb2
 
 ID = b"\x01" * 32
@@ -65,72 +58,3 @@ def test_owner_names_unknown_ids_are_empty() -> None:
     o = Owners()
     assert o.user(0) == "root"
     assert o.user(4_000_000_000) == "" and o.group(4_000_000_000) == ""
-
-
-def test_serialize_is_sorted_and_deterministic() -> None:
-    names = [b"b", b"a", b"\xff\xfe", b"A", b"a b\n"]
-    parts1 = serialize_tree([file_node(n) for n in names])
-    parts2 = serialize_tree([file_node(n) for n in reversed(names)])
-    assert parts1 == parts2 and len(parts1) == 1
-    assert [n.name for n in parse_tree(parts1[0])] == sorted(names)
-
-
-def test_empty_tree_is_one_empty_part() -> None:
-    assert serialize_tree([]) == [b""]
-    assert parse_tree(b"") == []
-
-
-def test_large_tree_split_into_parts(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tree, "TREE_PART_SIZE", 1000)
-    nodes = [file_node(b"file-%05d" % i) for i in range(200)]
-    parts = serialize_tree(nodes)
-    assert len(parts) > 5 and all(len(p) <= 1000 for p in parts)
-    back = parse_tree(b"".join(parts))
-    assert [n.name for n in back] == [n.name for n in nodes]
-
-
-def test_real_part_size_bound() -> None:
-    big = [file_node(b"n%07d" % i) for i in range(100_000)]  # ~5.4 MB serialized
-    parts = serialize_tree(big)
-    assert len(parts) == 2 and len(parts[0]) == tree.TREE_PART_SIZE
-
-
-@pytest.mark.parametrize("bad", [b"", b".", b"..", b"a/b", b"/", b"a\0b"])
-def test_parse_refuses_bad_names(bad: bytes) -> None:
-    data = repo_pb2.Tree(nodes=[file_node(bad)]).SerializeToString()
-    with pytest.raises(IntegrityError):
-        parse_tree(data)
-    with pytest.raises(ValueError):
-        serialize_tree([file_node(bad)])
-
-
-def test_parse_refuses_unsorted_duplicates_and_garbage() -> None:
-    unsorted = repo_pb2.Tree(nodes=[file_node(b"b"), file_node(b"a")]).SerializeToString()
-    dup = repo_pb2.Tree(nodes=[file_node(b"a"), file_node(b"a")]).SerializeToString()
-    for data in (unsorted, dup, b"\xff\xff\xff\xff"):
-        with pytest.raises(IntegrityError):
-            parse_tree(data)
-    with pytest.raises(ValueError):
-        serialize_tree([file_node(b"a"), file_node(b"a")])
-
-
-def test_parse_refuses_inconsistent_nodes() -> None:
-    bad_size = repo_pb2.Node(name=b"f", type=FILE, size=5, content=[ID], content_sizes=[3])
-    bad_id = repo_pb2.Node(name=b"f", type=FILE, size=3, content=[b"short"], content_sizes=[3])
-    no_subtree = repo_pb2.Node(name=b"d", type=DIR)
-    unknown = repo_pb2.Node(name=b"u", type=0)
-    for n in (bad_size, bad_id, no_subtree, unknown):
-        with pytest.raises(IntegrityError):
-            parse_tree(repo_pb2.Tree(nodes=[n]).SerializeToString())
-
-
-def test_root_round_trip_and_validation() -> None:
-    root = repo_pb2.Node(name=b".", type=DIR, mode=0o755, subtree=[ID])
-    assert parse_root(serialize_root(root)) == root
-    with pytest.raises(ValueError):
-        serialize_root(repo_pb2.Node(name=b"x", type=DIR, subtree=[ID]))
-    two = repo_pb2.Tree(nodes=[root, root]).SerializeToString()
-    with pytest.raises(IntegrityError):
-        parse_root(two)
-    with pytest.raises(IntegrityError):
-        parse_root(repo_pb2.Tree(nodes=[file_node(b".")]).SerializeToString())

@@ -37,7 +37,11 @@ def test_streamed_cuts_equal_whole_buffer_cuts(size: int, seed: int) -> None:
     c = Chunker(params("fastcdc-256k"))
     c.read_size = 2 * c.params.max_size  # force many carried tails
     data = random.Random(seed).randbytes(size)
-    assert _stream_cuts(c, data) == [ln for _, ln in c.cut(data)] if data else _stream_cuts(c, data) == []
+    assert (
+        _stream_cuts(c, data) == [ln for _, ln in c.cut(data)]
+        if data
+        else _stream_cuts(c, data) == []
+    )
 
 
 def test_large_file_cut_identically_when_streamed() -> None:

@@ -43,7 +43,9 @@ def test_group_readable_key_file_is_refused(tmp_path) -> None:
         FileKeyProvider(p)
 
 
-@pytest.mark.parametrize("body", [b"", b"{", b'{"version": 2}', b'{"version": 1, "id_key": "!!", "data_key": "AA=="}'])
+@pytest.mark.parametrize(
+    "body", [b"", b"{", b'{"version": 2}', b'{"version": 1, "id_key": "!!", "data_key": "AA=="}']
+)
 def test_malformed_key_files(tmp_path, body: bytes) -> None:
     p = tmp_path / "repo.key"
     p.write_bytes(body)

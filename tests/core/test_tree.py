@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from core.errors import IntegrityError
-from core.tree import decode_tree, encode_tree
+from core.tree import decode_tree, encode_root, encode_tree
 from protos.clawback.v1 import repo_pb2
 
 ID = b"\x11" * 32
@@ -124,3 +124,21 @@ def test_root_tree() -> None:
         decode_tree(encode_tree([repo_pb2.Node(name=b"x", type=repo_pb2.NODE_TYPE_DIR)]), root=True)
     with pytest.raises(IntegrityError):
         decode_tree([b""], root=True)
+
+
+def test_file_sizes_must_add_up_and_directories_need_a_subtree() -> None:
+    ident = b"\x01" * 32
+    bad_size = repo_pb2.Node(
+        name=b"f", type=repo_pb2.NODE_TYPE_FILE, size=5, content=[ident], content_sizes=[3]
+    )
+    no_subtree = repo_pb2.Node(name=b"d", type=repo_pb2.NODE_TYPE_DIR)
+    for n in (bad_size, no_subtree):
+        with pytest.raises(IntegrityError):
+            decode_tree([repo_pb2.Tree(nodes=[n]).SerializeToString()])
+
+
+def test_encode_root_round_trip() -> None:
+    root = repo_pb2.Node(name=b".", type=repo_pb2.NODE_TYPE_DIR, mode=0o755, subtree=[b"\x01" * 32])
+    assert decode_tree([encode_root(root)], root=True).nodes[0] == root
+    with pytest.raises(ValueError):
+        encode_root(repo_pb2.Node(name=b"x", type=repo_pb2.NODE_TYPE_DIR, subtree=[b"\x01" * 32]))

@@ -38,8 +38,14 @@ class _Rpc(grpc.RpcError):
 
 @pytest.mark.parametrize(
     "exc",
-    [errors.NotFound("no snapshot"), errors.ResourceExhausted("disk full"), errors.KeyMaterialError("wrong key"),
-     errors.RepositoryMissing("no repo"), errors.IntegrityError("bad"), errors.PermissionDenied("revoked")],
+    [
+        errors.NotFound("no snapshot"),
+        errors.ResourceExhausted("disk full"),
+        errors.KeyMaterialError("wrong key"),
+        errors.RepositoryMissing("no repo"),
+        errors.IntegrityError("bad"),
+        errors.PermissionDenied("revoked"),
+    ],
 )
 def test_errors_survive_the_wire(exc: errors.ClawbackError) -> None:
     code, detail = status_for(exc)

@@ -12,7 +12,6 @@ import pytest
 
 from bench.verify import compare_trees
 from coordinator.cli.certs import create_dev_pki
-from core.chunker import Chunker, params
 from core.chunkid import IdHasher
 from core.keys import FileKeyProvider, create_key_file
 from deploy.sample import make_tricky_tree
@@ -22,12 +21,16 @@ pytestmark = pytest.mark.integration
 
 def _blob_location(catalog: Path, blob_id: bytes) -> tuple[str, int, int]:
     with sqlite3.connect(f"file:{catalog}?mode=ro", uri=True) as db:
-        row = db.execute('SELECT pack, "offset", length FROM blobs WHERE id = ?', (blob_id,)).fetchone()
+        row = db.execute(
+            'SELECT pack, "offset", length FROM blobs WHERE id = ?', (blob_id,)
+        ).fetchone()
     assert row is not None, "blob not indexed"
     return bytes(row[0]).hex(), int(row[1]), int(row[2])
 
 
-def test_flipped_byte_in_a_pack_is_named_and_only_its_file_fails(cluster_factory, tmp_path: Path) -> None:
+def test_flipped_byte_in_a_pack_is_named_and_only_its_file_fails(
+    cluster_factory, tmp_path: Path
+) -> None:
     src = tmp_path / "src"
     src.mkdir()
     (src / "victim.bin").write_bytes(os.urandom(300_000))
@@ -101,8 +104,17 @@ def test_restore_refuses_escapes(cluster_factory, tmp_path: Path) -> None:
     c.cli("backup", "--agent", "node1", "--wait")
     snap = c.cli_json("snapshots")[-1]["id"]
 
-    r = c.cli("restore", snap, "../../etc", "--agent", "node1", "--target", str(tmp_path / "t1"), "--wait",
-              check=False)
+    r = c.cli(
+        "restore",
+        snap,
+        "../../etc",
+        "--agent",
+        "node1",
+        "--target",
+        str(tmp_path / "t1"),
+        "--wait",
+        check=False,
+    )
     assert r.returncode != 0 and ".." in r.stdout + r.stderr
 
     # A symlink planted in the target must not redirect the restore outside it.
@@ -110,19 +122,33 @@ def test_restore_refuses_escapes(cluster_factory, tmp_path: Path) -> None:
     target.mkdir()
     outside.mkdir()
     os.symlink(outside, target / "docs")
-    r = c.cli("restore", snap, "--agent", "node1", "--target", str(target), "--overwrite", "--wait", check=False)
+    r = c.cli(
+        "restore",
+        snap,
+        "--agent",
+        "node1",
+        "--target",
+        str(target),
+        "--overwrite",
+        "--wait",
+        check=False,
+    )
     assert os.listdir(outside) == []
     assert r.returncode in (0, 3), r.stdout + r.stderr
 
 
-def test_full_disk_on_coordinator_fails_cleanly_and_loses_nothing(cluster_factory, small_fs, tmp_path: Path) -> None:
+def test_full_disk_on_coordinator_fails_cleanly_and_loses_nothing(
+    cluster_factory, small_fs, tmp_path: Path
+) -> None:
     small, big = tmp_path / "small", tmp_path / "big"
     small.mkdir()
     big.mkdir()
     (small / "a.txt").write_text("keep me\n" * 1000)
     (big / "huge.bin").write_bytes(os.urandom(48 * 1024 * 1024))
     repo = small_fs(24)
-    c = cluster_factory({"node1": {"small": small, "big": big}}, repo_dir=repo / "repo", pack_size_mib=4)
+    c = cluster_factory(
+        {"node1": {"small": small, "big": big}}, repo_dir=repo / "repo", pack_size_mib=4
+    )
     c.cli("backup", "--agent", "node1", "--source", "small", "--wait")
 
     r = c.cli("backup", "--agent", "node1", "--source", "big", "--wait", check=False)
@@ -143,7 +169,9 @@ def test_malformed_agent_config_names_file_key_and_reason(cluster_factory, tmp_p
     c = cluster_factory({"node1": {}}, start=False)
     c.write_configs()
     bad = tmp_path / "bad-agent.toml"
-    bad.write_text(c.agent_config("node1").read_text() + '\n[[source]]\nname = "x"\npath = "relative/dir"\n')
+    bad.write_text(
+        c.agent_config("node1").read_text() + '\n[[source]]\nname = "x"\npath = "relative/dir"\n'
+    )
     proc = c.start_agent("bad", bad)
     assert proc.wait(30) == 2
     log = c.log_tail("agent-bad")

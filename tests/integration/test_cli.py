@@ -13,7 +13,9 @@ from deploy.sample import make_tricky_tree
 pytestmark = pytest.mark.integration
 
 
-def test_repo_init_refuses_twice_and_never_touches_an_existing_key_file(cluster_factory, tmp_path: Path) -> None:
+def test_repo_init_refuses_twice_and_never_touches_an_existing_key_file(
+    cluster_factory, tmp_path: Path
+) -> None:
     c = cluster_factory({"node1": {}}, start=False)
     c.write_configs()
     c.start_coordinator()

@@ -46,6 +46,8 @@ def test_unchanged_rebackup_reads_and_uploads_nothing(cluster_factory, tmp_path:
     assert second["parent"] == first["id"]
     stats = second["stats"]
     assert stats["files"] == first["stats"]["files"] > 100
-    assert stats["files_unchanged"] == stats["files"]  # every file came from the files cache, unread
+    assert (
+        stats["files_unchanged"] == stats["files"]
+    )  # every file came from the files cache, unread
     assert stats["bytes_new"] < 64 * 1024  # at most a changed tree
     assert _repo_bytes(c.repo_dir) - before < 64 * 1024

@@ -12,7 +12,10 @@ from deploy.sample import make_tricky_tree
 
 pytestmark = pytest.mark.integration
 
-def test_round_trip_preserves_content_and_metadata_across_agents(cluster_factory, tmp_path: Path) -> None:
+
+def test_round_trip_preserves_content_and_metadata_across_agents(
+    cluster_factory, tmp_path: Path
+) -> None:
     src = tmp_path / "src"
     assert make_tricky_tree(src, big_sparse_gib=3) == []
     c = cluster_factory({"node1": {"data": src}, "node2": {}})
