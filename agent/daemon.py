@@ -69,10 +69,12 @@ class AgentDaemon:
         self.keys = keys
         self.clock = clock
         self.hostname = socket.gethostname()
-        self._ready_notified = False
 
     async def run(self) -> None:
         """Serve until cancelled; reconnect with jittered exponential backoff."""
+        # Ready means running: the coordinator may be unreachable for a long time.
+        systemd.notify("READY=1")
+        systemd.notify(f"STATUS=connecting to {self.config.coordinator}")
         backoff = BACKOFF_MIN_S
         while True:
             try:
@@ -82,6 +84,7 @@ class AgentDaemon:
                 raise  # not fixed by retrying: the operator must act
             except errors.ClawbackError as exc:
                 log.warning("coordinator session ended: %s; retrying in %.1fs", exc, backoff)
+                systemd.notify(f"STATUS=disconnected ({exc}); retrying")
             await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
             backoff = min(backoff * 2, BACKOFF_MAX_S)
 
@@ -129,9 +132,6 @@ class AgentDaemon:
                     repo_cfg.repo_id,
                     ",".join(welcome.capabilities),
                 )
-                if not self._ready_notified:
-                    systemd.notify("READY=1")
-                    self._ready_notified = True
                 systemd.notify(f"STATUS=connected to {self.config.coordinator} as {welcome.agent}")
                 heartbeat = asyncio.create_task(
                     self._heartbeats(session, welcome.heartbeat_interval_s or 10)

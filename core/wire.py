@@ -98,6 +98,14 @@ _FROM_STATUS: dict[grpc.StatusCode, type[errors.ClawbackError]] = {
 }
 
 
+# What a refused TLS handshake looks like from the client side: the peer just closes.
+_TLS_SIGNS = ("Socket closed", "handshake", "SSL", "certificate")
+TLS_HINT = (
+    "the TLS handshake was refused: check that this certificate is signed by the CA the "
+    "other side trusts, is not expired, and names the right host"
+)
+
+
 def error_from_rpc(exc: grpc.RpcError, what: str = "") -> errors.ClawbackError:
     """Translate a gRPC failure into the ClawbackError the server meant (or the closest)."""
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
@@ -111,6 +119,8 @@ def error_from_rpc(exc: grpc.RpcError, what: str = "") -> errors.ClawbackError:
         cls = _FROM_STATUS.get(code, errors.ClawbackError)
         if code == grpc.StatusCode.UNAVAILABLE:
             detail = f"coordinator unreachable: {detail}"
+            if any(s in detail for s in _TLS_SIGNS):
+                detail += f" ({TLS_HINT})"
     msg = f"{what}: {detail}" if what else detail
     if cls is errors.ConfigError:
         cls = errors.UsageError
