@@ -86,9 +86,10 @@ def run(ctx: Context, args: argparse.Namespace) -> int:
     else:
         if summary is not None and summary.message:
             ctx.out.line(summary.message)
-        ctx.out.line(
-            "no errors found"
-            if errors == 0
-            else f"{human_count(errors)} error{'s' if errors != 1 else ''} found"
-        )
+        if errors or summary is None or not summary.message:
+            ctx.out.line(
+                "no errors found"
+                if errors == 0
+                else f"{human_count(errors)} error{'s' if errors != 1 else ''} found"
+            )
     return ExitCode.INTEGRITY if errors else ExitCode.OK

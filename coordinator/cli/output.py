@@ -361,7 +361,8 @@ class StatusLine:
         self.enabled = enabled
         self.interval = interval
         self.clock = clock
-        self._last = float("-inf")
+        # Off a terminal, the first plain line comes after one interval: short jobs print none.
+        self._last = float("-inf") if self.tty else clock.monotonic()
         self._shown = ""  # what is on the terminal line now
 
     def update(self, text: str, force: bool = False) -> None:
