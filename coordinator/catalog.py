@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple, Protocol, TypeVar
 
@@ -58,11 +58,17 @@ class Catalog(Protocol):
         """For each id, True when it is not indexed (design.md §Write ordering rule 2)."""
 
     def add_pack(
-        self, pack_id: bytes, size: int, created_ns: int, entries: Sequence[PackEntry]
+        self,
+        pack_id: bytes,
+        size: int,
+        created_ns: int,
+        entries: Sequence[PackEntry],
+        key_ids: Mapping[bytes, bytes] | None = None,
     ) -> int:
         """Index a pack and its blobs in ONE transaction (design.md §Write ordering
-        rule 2). A blob already indexed elsewhere keeps its first location.
-        Returns the number of blobs newly indexed. Idempotent."""
+        rule 2), with the data key id of each blob when known. A blob already
+        indexed elsewhere keeps its first location. Returns the number of blobs
+        newly indexed. Idempotent."""
 
     def has_pack(self, pack_id: bytes) -> bool: ...
 
@@ -97,6 +103,14 @@ class Catalog(Protocol):
     # -- keys ------------------------------------------------------------
     def put_keys(self, keys: Iterable[common_pb2.WrappedKey], now_ns: int) -> None:
         """Store wrapped keys; a key id already present keeps its first form. Idempotent."""
+
+    def replace_keys(self, keys: Iterable[common_pb2.WrappedKey]) -> int:
+        """Replace the wrapped form of already stored keys; returns how many changed."""
+
+    def list_keys(self) -> list[common_pb2.WrappedKey]: ...
+
+    def blob_key_ids(self, ids: Sequence[bytes]) -> set[bytes]:
+        """The distinct data keys recorded for these blobs."""
 
     def get_keys(self, key_ids: Iterable[bytes]) -> dict[bytes, common_pb2.WrappedKey]:
         """The stored keys among `key_ids`; absent ones are left out."""
@@ -191,6 +205,11 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX jobs_by_time ON jobs (created_ns);
     CREATE INDEX jobs_by_agent ON jobs (agent, created_ns);
+    """,
+    # 2: the data key that sealed each blob (read from its envelope header), so a
+    # commit can name every key a snapshot needs, including keys of deduplicated blobs.
+    """
+    ALTER TABLE blobs ADD COLUMN key_id BLOB;
     """,
 )
 
@@ -316,9 +335,17 @@ class SqliteCatalog:
         return self._read(run)
 
     def add_pack(
-        self, pack_id: bytes, size: int, created_ns: int, entries: Sequence[PackEntry]
+        self,
+        pack_id: bytes,
+        size: int,
+        created_ns: int,
+        entries: Sequence[PackEntry],
+        key_ids: Mapping[bytes, bytes] | None = None,
     ) -> int:
-        rows = [(e.id, e.type, pack_id, e.offset, e.length, e.checksum) for e in entries]
+        keys = key_ids or {}
+        rows = [
+            (e.id, e.type, pack_id, e.offset, e.length, e.checksum, keys.get(e.id)) for e in entries
+        ]
 
         def run(conn: sqlite3.Connection) -> int:
             conn.execute(
@@ -328,8 +355,8 @@ class SqliteCatalog:
             before = conn.total_changes
             # design.md §Write ordering: a blob stored twice is indexed once (first wins).
             conn.executemany(
-                'INSERT OR IGNORE INTO blobs (id, type, pack, "offset", length, checksum) '
-                "VALUES (?, ?, ?, ?, ?, ?)",
+                'INSERT OR IGNORE INTO blobs (id, type, pack, "offset", length, checksum, key_id) '
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
             return conn.total_changes - before
@@ -468,6 +495,42 @@ class SqliteCatalog:
                 rows,
             )
         )
+
+    def replace_keys(self, keys: Iterable[common_pb2.WrappedKey]) -> int:
+        """Replace the wrapped form of stored keys (after a rewrap); unknown ids are left out."""
+        rows = [(k.wrapped, k.provider, k.key_id) for k in keys]
+
+        def run(conn: sqlite3.Connection) -> int:
+            before = conn.total_changes
+            conn.executemany("UPDATE keys SET wrapped = ?, provider = ? WHERE key_id = ?", rows)
+            return conn.total_changes - before
+
+        return self._write(run)
+
+    def list_keys(self) -> list[common_pb2.WrappedKey]:
+        return self._read(
+            lambda c: [
+                common_pb2.WrappedKey(key_id=k, provider=p, wrapped=w)
+                for k, p, w in c.execute(
+                    "SELECT key_id, provider, wrapped FROM keys ORDER BY key_id"
+                )
+            ]
+        )
+
+    def blob_key_ids(self, ids: Sequence[bytes]) -> set[bytes]:
+        """The distinct data keys that sealed these blobs (blobs indexed without one are skipped)."""
+
+        def run(conn: sqlite3.Connection) -> set[bytes]:
+            out: set[bytes] = set()
+            for chunk in _chunks(list(ids), SQL_BATCH):
+                sql = (
+                    "SELECT DISTINCT key_id FROM blobs WHERE key_id IS NOT NULL AND "
+                    f"id IN ({','.join('?' * len(chunk))})"
+                )
+                out.update(r[0] for r in conn.execute(sql, chunk))
+            return out
+
+        return self._read(run)
 
     def get_keys(self, key_ids: Iterable[bytes]) -> dict[bytes, common_pb2.WrappedKey]:
         wanted = list(dict.fromkeys(key_ids))

@@ -35,7 +35,7 @@ from core.errors import (
     RepositoryMissing,
     UsageError,
 )
-from core.format import ID_SIZE, KEY_ID_SIZE, MAX_BLOB_SIZE, RepoConfig
+from core.format import ENVELOPE_KEY_ID, ID_SIZE, KEY_ID_SIZE, MAX_BLOB_SIZE, RepoConfig
 from protos.clawback.v1 import common_pb2
 
 DEFAULT_PACK_SIZE = 32 * 1024 * 1024  # design.md §Packs: closed at 32 MiB (configurable)
@@ -85,6 +85,7 @@ class UploadSession:
         self._writer: PackWriter | None = None
         self._seen: set[bytes] = set()
         self._pending: list[bytes] = []  # ids in the open pack
+        self._key_ids: dict[bytes, bytes] = {}  # id -> data key id named by its envelope
         self._pending_bytes = 0
         self._stored = self._duplicate = self._bytes = self._packs = 0
         self._done = False
@@ -117,6 +118,7 @@ class UploadSession:
             self._writer.add(id, type, envelope)
             self._seen.add(id)
             self._pending.append(id)
+            self._key_ids[id] = bytes(envelope[ENVELOPE_KEY_ID])
             self._pending_bytes += len(envelope)
             self._stored += 1
             self._bytes += len(envelope)
@@ -161,6 +163,7 @@ class UploadSession:
         self._stored -= len(self._pending)
         self._bytes -= self._pending_bytes
         self._pending, self._pending_bytes = [], 0
+        self._key_ids = {}
         self._done = True
 
     def _close_pack(self) -> None:
@@ -169,9 +172,10 @@ class UploadSession:
         result = writer.finish()  # rule 1: durable and renamed before indexing
         # rule 2: one transaction; if it fails the pack stays unindexed until recover()
         self._store.catalog.add_pack(
-            result.pack_id, result.size, self._store.clock.now_ns(), result.entries
+            result.pack_id, result.size, self._store.clock.now_ns(), result.entries, self._key_ids
         )
         self._pending, self._pending_bytes = [], 0
+        self._key_ids = {}
         self._packs += 1
 
     def __enter__(self) -> UploadSession:
@@ -268,7 +272,11 @@ class BlobStore:
             except IntegrityError as exc:
                 problems.append(str(exc))
                 continue
-            self.catalog.add_pack(pack_id, size, self.clock.now_ns(), entries)
+            key_ids = {
+                e.id: self.backend.get(path, e.offset + ENVELOPE_KEY_ID.start, KEY_ID_SIZE)
+                for e in entries
+            }
+            self.catalog.add_pack(pack_id, size, self.clock.now_ns(), entries, key_ids)
             packs += 1
 
         for path in self.backend.list("keys/"):
@@ -381,6 +389,21 @@ class BlobStore:
         if new:
             self.catalog.put_keys(new, self.clock.now_ns())
 
+    def replace_keys(self, keys: Iterable[common_pb2.WrappedKey]) -> int:
+        """Replace the wrapped form of stored keys after a rewrap (no data is rewritten):
+        keys/<hex> first, then the catalog. Unknown key ids are refused (NotFound)."""
+        keys = list(keys)
+        have = self.catalog.get_keys(k.key_id for k in keys)
+        unknown = [k.key_id.hex() for k in keys if k.key_id not in have]
+        if unknown:
+            raise NotFound(f"{len(unknown)} keys are not stored (first: {unknown[0]})")
+        for key in keys:
+            self.backend.put(f"keys/{key.key_id.hex()}", key.SerializeToString(deterministic=True))
+        return self.catalog.replace_keys(keys)
+
+    def list_keys(self) -> list[common_pb2.WrappedKey]:
+        return self.catalog.list_keys()
+
     def get_keys(self, key_ids: Iterable[bytes]) -> list[common_pb2.WrappedKey]:
         """The stored keys among `key_ids` (absent ones are left out), in request order."""
         wanted = list(dict.fromkeys(key_ids))
@@ -413,7 +436,11 @@ class BlobStore:
                 f"snapshot {snapshot_id}: {len(missing)} referenced blobs are not stored "
                 f"(first: {missing[0].hex()})"
             )
-        key_ids = list(info.key_ids)
+        # Every key needed to read the snapshot: its own, and those of the older blobs it
+        # deduplicated against (from the envelopes' clear key ids). Restores fetch exactly these.
+        key_ids = sorted(set(info.key_ids) | self.catalog.blob_key_ids(ordered))
+        del info.key_ids[:]
+        info.key_ids.extend(key_ids)
         have = self.catalog.get_keys(key_ids)
         absent = [k for k in key_ids if k not in have]
         if absent:

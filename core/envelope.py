@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from core.compression import Compressor, decompress
 from core.errors import IntegrityError, KeyMaterialError
-from core.format import ID_SIZE, KEY_ID_SIZE, MAX_BLOB_SIZE
+from core.format import ENVELOPE_KEY_ID, ID_SIZE, KEY_ID_SIZE, MAX_BLOB_SIZE
 
 VERSION = 1
 FLAG_COMPRESSED = 0x01
@@ -71,7 +71,7 @@ def key_id_of(envelope: bytes | memoryview) -> bytes:
     """The key id an envelope names, without opening it."""
     if len(envelope) < OVERHEAD:
         raise IntegrityError("blob envelope is truncated")
-    return bytes(envelope[4:20])
+    return bytes(envelope[ENVELOPE_KEY_ID])
 
 
 def open_(

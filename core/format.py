@@ -11,6 +11,9 @@ from core.errors import IntegrityError
 FORMAT_VERSION = 1
 ID_SIZE = 32  # a blob id: keyed BLAKE3 of the plaintext
 KEY_ID_SIZE = 16
+# design.md §Blob envelope: the key id sits in the clear at bytes 4..20 of every envelope,
+# so the coordinator can tell which data keys a snapshot needs without reading anything secret.
+ENVELOPE_KEY_ID = slice(4, 20)
 MAX_BLOB_SIZE = 16 * 1024 * 1024  # largest sealed blob accepted (chunk max 4 MiB + slack for trees)
 MAX_MESSAGE_SIZE = 24 * 1024 * 1024  # gRPC send/receive limit on both sides
 MAX_IDS_PER_QUERY = 65536

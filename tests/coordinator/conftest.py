@@ -50,9 +50,14 @@ def store(tmp_path: Path, clock: ManualClock) -> Iterator[BlobStore]:
     cat.close()
 
 
+TEST_KEY_ID = b"k" * 16
+
+
 def fake_blob(seed: int, size: int = 1000) -> tuple[bytes, bytes]:
-    """A fake (id, envelope): the coordinator never looks inside an envelope."""
-    envelope = blake3.blake3(seed.to_bytes(8, "little")).digest(length=max(size, 48))
+    """A fake (id, envelope): the coordinator reads nothing of an envelope but the clear
+    key id in its header (design.md §Blob envelope), so only that part is real."""
+    header = bytes([1, 0, 1, 1]) + TEST_KEY_ID
+    envelope = header + blake3.blake3(seed.to_bytes(8, "little")).digest(length=max(size, 48) - 20)
     return blake3.blake3(b"id" + envelope).digest(), envelope
 
 

@@ -24,6 +24,7 @@ def populate(store: BlobStore, make_blob: MakeBlob) -> list[tuple[bytes, bytes]]
     with store.upload() as session:
         for blob_id, env in blobs:
             session.add(blob_id, common_pb2.BLOB_TYPE_DATA, env)
+    store.put_keys([common_pb2.WrappedKey(key_id=b"k" * 16, provider="file")])
     info = common_pb2.SnapshotInfo(id=SID, agent="n", source="s", root=blobs[0][0])
     store.commit_snapshot(info, [b[0] for b in blobs])
     return blobs

@@ -141,8 +141,13 @@ async def expect_code(coro: Any, code: grpc.StatusCode, text: str = "") -> grpc.
     return info.value
 
 
+KEY = common_pb2.WrappedKey(key_id=b"k" * 16, provider="file")
+
+
 def blob(seed: int, size: int = 2000) -> tuple[bytes, bytes]:
-    envelope = blake3.blake3(seed.to_bytes(8, "little")).digest(length=size)
+    """A fake sealed blob: random but for the clear key id in its envelope header."""
+    header = bytes([1, 0, 1, 1]) + KEY.key_id
+    envelope = header + blake3.blake3(seed.to_bytes(8, "little")).digest(length=size - 20)
     return blake3.blake3(b"id" + envelope).digest(), envelope
 
 
@@ -168,6 +173,7 @@ async def stored_snapshot(env: Env) -> tuple[common_pb2.SnapshotInfo, list[bytes
     blobs = [blob(i) for i in range(3)]
     await upload(env, blobs)
     ids = [i for i, _ in blobs]
+    await env.agent().PutKeys(agent_pb2.PutKeysRequest(keys=[KEY]), timeout=TIMEOUT)
     info = common_pb2.SnapshotInfo(id=os.urandom(16).hex(), source="data", root=ids[0])
     await commit(env, info, ids)
     return info, ids

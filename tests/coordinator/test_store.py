@@ -235,6 +235,7 @@ def test_disk_full_during_upload(small_disk: Path, tmp_path: Path, make_blob: Ma
             except ResourceExhausted:
                 break
     with pytest.raises(ResourceExhausted):
+        store.put_keys([KEY])
         store.commit_snapshot(info(SID, ids[0]), ids)
     assert list(backend.list("snapshots/")) == []
     assert store.list_snapshots() == []
@@ -245,6 +246,7 @@ def test_disk_full_during_upload(small_disk: Path, tmp_path: Path, make_blob: Ma
 def test_snapshot_refs_detects_damage(store: BlobStore, make_blob: MakeBlob) -> None:
     blob_id, env = make_blob(1)
     upload(store, [(blob_id, env)])
+    store.put_keys([KEY])
     store.commit_snapshot(info(SID, blob_id), [blob_id])
     data = bytearray(store.backend.get(record_path(SID)))
     data[10] ^= 1
@@ -253,6 +255,25 @@ def test_snapshot_refs_detects_damage(store: BlobStore, make_blob: MakeBlob) -> 
         store.snapshot_refs(SID)
     with pytest.raises(NotFound):
         store.snapshot_refs("f" * 32)
+
+
+def test_commit_names_every_key_the_snapshot_needs(store: BlobStore, make_blob: MakeBlob) -> None:
+    # Blobs deduplicated from an older snapshot keep the key that sealed them: a commit
+    # lists it too (read from the envelopes' clear key ids), so a restore fetches it.
+    old_id, old_env = make_blob(1)
+    new_id, new_env = make_blob(2)
+    newer = b"n" * 16
+    new_env = new_env[:4] + newer + new_env[20:]
+    upload(store, [(old_id, old_env), (new_id, new_env)])
+    store.put_keys([KEY, common_pb2.WrappedKey(key_id=newer, provider="file")])
+    snap = info(SID, new_id, (newer,))
+    store.commit_snapshot(snap, [old_id, new_id])
+    assert list(store.get_snapshot(SID).key_ids) == sorted([KEY.key_id, newer])
+    # A blob whose key was never stored makes the snapshot unreadable: refused.
+    orphan_id, orphan_env = make_blob(3)
+    upload(store, [(orphan_id, orphan_env[:4] + b"?" * 16 + orphan_env[20:])])
+    with pytest.raises(NotFound, match="data keys are not stored"):
+        store.commit_snapshot(info("ab" * 16, orphan_id), [orphan_id])
 
 
 def test_session_stats_after_abort(store: BlobStore, make_blob: MakeBlob) -> None:

@@ -92,12 +92,19 @@ def test_agent_with_untrusted_certificate_is_refused(cluster_factory, tmp_path: 
     cfg.write_text(text)
     c.start_agent("intruder", cfg)
     deadline = time.monotonic() + 20
-    while "TLS handshake was refused" not in c.log_tail("agent-intruder") and time.monotonic() < deadline:
+    while (
+        "TLS handshake was refused" not in c.log_tail("agent-intruder")
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.2)
     assert "TLS handshake was refused" in c.log_tail("agent-intruder")  # the agent says why
-    assert "CERTIFICATE_VERIFY_FAILED" in c.log_tail("coordinator", 200)  # the coordinator refused it
+    assert "CERTIFICATE_VERIFY_FAILED" in c.log_tail(
+        "coordinator", 200
+    )  # the coordinator refused it
     assert "intruder" not in {a["name"] for a in c.cli_json("agents")}
-    assert c.procs["agent-intruder"].poll() is None  # it keeps retrying: the operator can fix the certificate
+    assert (
+        c.procs["agent-intruder"].poll() is None
+    )  # it keeps retrying: the operator can fix the certificate
 
 
 def test_restore_refuses_escapes(cluster_factory, tmp_path: Path) -> None:
