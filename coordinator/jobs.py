@@ -107,8 +107,12 @@ class JobManager:
         target: str,
         paths: Sequence[bytes] = (),
         overwrite: bool = False,
+        grant: bytes = b"",
     ) -> common_pb2.JobInfo:
-        """Restore a snapshot (unique id prefix) onto any connected agent: an operator decision."""
+        """Restore a snapshot (unique id prefix) onto any connected agent: an operator decision.
+
+        `grant` (a response-wrapped Vault token) is passed to the agent untouched: the
+        coordinator cannot use it without unwrapping it, which the agent would then notice."""
         if not target or not posixpath.isabs(target):
             raise UsageError(f"restore target must be an absolute path, not {target!r}")
         for p in paths:
@@ -123,7 +127,7 @@ class JobManager:
         command = agent_pb2.Command(
             job_id=info.id,
             restore=agent_pb2.RestoreCommand(
-                snapshot=info_s, paths=list(paths), target=target, overwrite=overwrite
+                snapshot=info_s, paths=list(paths), target=target, overwrite=overwrite, grant=grant
             ),
         )
         return await self._launch(_Active(info, restore_snapshot=info_s.id), command)

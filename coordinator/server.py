@@ -536,6 +536,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             request.target,
             list(request.paths),
             request.overwrite,
+            request.grant,
         )
 
     @_guarded
@@ -596,6 +597,25 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     ) -> agent_pb2.GetKeysResponse:
         self._auth.admin(context)
         return await _get_keys(self._store, _check_key_ids(request.key_ids))
+
+    @_guarded
+    async def ListKeys(
+        self, request: admin_pb2.ListKeysRequest, context: grpc.aio.ServicerContext
+    ) -> agent_pb2.GetKeysResponse:
+        self._auth.admin(context)
+        keys = await asyncio.to_thread(self._store.list_keys)
+        return agent_pb2.GetKeysResponse(keys=keys)
+
+    @_guarded
+    async def UpdateKeys(
+        self, request: admin_pb2.UpdateKeysRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.UpdateKeysResponse:
+        who = self._auth.admin(context)
+        keys = list(request.keys)
+        _check_key_ids([k.key_id for k in keys])
+        updated = await asyncio.to_thread(self._store.replace_keys, keys)
+        log.info("%s replaced the wrapped form of %d data keys", who, updated)
+        return admin_pb2.UpdateKeysResponse(updated=updated)
 
     @_guarded_stream
     async def Check(

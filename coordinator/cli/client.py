@@ -137,6 +137,7 @@ class AdminClient:
         target: str,
         paths: Sequence[bytes] = (),
         overwrite: bool = False,
+        grant: bytes = b"",
     ) -> common_pb2.JobInfo:
         req = admin_pb2.StartRestoreRequest(
             snapshot_id=snapshot_id,
@@ -144,6 +145,7 @@ class AdminClient:
             target=target,
             paths=list(paths),
             overwrite=overwrite,
+            grant=grant,
         )
         result: common_pb2.JobInfo = self._unary("StartRestore", req)
         return result
@@ -189,6 +191,16 @@ class AdminClient:
     def get_keys(self, key_ids: Sequence[bytes]) -> list[common_pb2.WrappedKey]:
         req = agent_pb2.GetKeysRequest(key_ids=list(key_ids))
         return list(self._unary("GetKeys", req, "fetching wrapped keys").keys)
+
+    def list_keys(self) -> list[common_pb2.WrappedKey]:
+        return list(
+            self._unary("ListKeys", admin_pb2.ListKeysRequest(), "listing wrapped keys").keys
+        )
+
+    def put_keys(self, keys: Sequence[common_pb2.WrappedKey]) -> int:
+        """Replace the wrapped form of stored keys (after a rewrap); returns how many changed."""
+        req = admin_pb2.UpdateKeysRequest(keys=list(keys))
+        return int(self._unary("UpdateKeys", req, "storing rewrapped keys").updated)
 
     def check(
         self, read_data: bool = False, read_data_percent: int = 0

@@ -101,6 +101,16 @@ class AdminServiceStub:
                 request_serializer=protos_dot_clawback_dot_v1_dot_agent__pb2.GetKeysRequest.SerializeToString,
                 response_deserializer=protos_dot_clawback_dot_v1_dot_agent__pb2.GetKeysResponse.FromString,
                 _registered_method=True)
+        self.ListKeys = channel.unary_unary(
+                '/clawback.v1.AdminService/ListKeys',
+                request_serializer=protos_dot_clawback_dot_v1_dot_admin__pb2.ListKeysRequest.SerializeToString,
+                response_deserializer=protos_dot_clawback_dot_v1_dot_agent__pb2.GetKeysResponse.FromString,
+                _registered_method=True)
+        self.UpdateKeys = channel.unary_unary(
+                '/clawback.v1.AdminService/UpdateKeys',
+                request_serializer=protos_dot_clawback_dot_v1_dot_admin__pb2.UpdateKeysRequest.SerializeToString,
+                response_deserializer=protos_dot_clawback_dot_v1_dot_admin__pb2.UpdateKeysResponse.FromString,
+                _registered_method=True)
         self.Check = channel.unary_stream(
                 '/clawback.v1.AdminService/Check',
                 request_serializer=protos_dot_clawback_dot_v1_dot_admin__pb2.CheckRequest.SerializeToString,
@@ -193,6 +203,20 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListKeys(self, request, context):
+        """Key rotation: every stored wrapped key, and their rewrapped forms put back
+        (same key ids; NOT_FOUND for an id that is not stored). No data is rewritten.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateKeys(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Check(self, request, context):
         """Verify the repository without the data key; streams findings and progress.
         """
@@ -267,6 +291,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.GetKeys,
                     request_deserializer=protos_dot_clawback_dot_v1_dot_agent__pb2.GetKeysRequest.FromString,
                     response_serializer=protos_dot_clawback_dot_v1_dot_agent__pb2.GetKeysResponse.SerializeToString,
+            ),
+            'ListKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListKeys,
+                    request_deserializer=protos_dot_clawback_dot_v1_dot_admin__pb2.ListKeysRequest.FromString,
+                    response_serializer=protos_dot_clawback_dot_v1_dot_agent__pb2.GetKeysResponse.SerializeToString,
+            ),
+            'UpdateKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateKeys,
+                    request_deserializer=protos_dot_clawback_dot_v1_dot_admin__pb2.UpdateKeysRequest.FromString,
+                    response_serializer=protos_dot_clawback_dot_v1_dot_admin__pb2.UpdateKeysResponse.SerializeToString,
             ),
             'Check': grpc.unary_stream_rpc_method_handler(
                     servicer.Check,
@@ -625,6 +659,60 @@ class AdminService:
             '/clawback.v1.AdminService/GetKeys',
             protos_dot_clawback_dot_v1_dot_agent__pb2.GetKeysRequest.SerializeToString,
             protos_dot_clawback_dot_v1_dot_agent__pb2.GetKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clawback.v1.AdminService/ListKeys',
+            protos_dot_clawback_dot_v1_dot_admin__pb2.ListKeysRequest.SerializeToString,
+            protos_dot_clawback_dot_v1_dot_agent__pb2.GetKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clawback.v1.AdminService/UpdateKeys',
+            protos_dot_clawback_dot_v1_dot_admin__pb2.UpdateKeysRequest.SerializeToString,
+            protos_dot_clawback_dot_v1_dot_admin__pb2.UpdateKeysResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -52,6 +52,11 @@ class AdminServiceStub:
     ReadBlobs: _grpc.UnaryStreamMultiCallable[_admin_pb2.ReadBlobsRequest, _agent_pb2.DownloadResponse]
     """Sealed blobs for a key holder (the CLI decrypts trees itself for `ls`)."""
     GetKeys: _grpc.UnaryUnaryMultiCallable[_agent_pb2.GetKeysRequest, _agent_pb2.GetKeysResponse]
+    ListKeys: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListKeysRequest, _agent_pb2.GetKeysResponse]
+    """Key rotation: every stored wrapped key, and their rewrapped forms put back
+    (same key ids; NOT_FOUND for an id that is not stored). No data is rewritten.
+    """
+    UpdateKeys: _grpc.UnaryUnaryMultiCallable[_admin_pb2.UpdateKeysRequest, _admin_pb2.UpdateKeysResponse]
     Check: _grpc.UnaryStreamMultiCallable[_admin_pb2.CheckRequest, _admin_pb2.CheckEvent]
     """Verify the repository without the data key; streams findings and progress."""
 
@@ -75,6 +80,11 @@ class AdminServiceAsyncStub(AdminServiceStub):
     ReadBlobs: _aio.UnaryStreamMultiCallable[_admin_pb2.ReadBlobsRequest, _agent_pb2.DownloadResponse]  # type: ignore[assignment]
     """Sealed blobs for a key holder (the CLI decrypts trees itself for `ls`)."""
     GetKeys: _aio.UnaryUnaryMultiCallable[_agent_pb2.GetKeysRequest, _agent_pb2.GetKeysResponse]  # type: ignore[assignment]
+    ListKeys: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListKeysRequest, _agent_pb2.GetKeysResponse]  # type: ignore[assignment]
+    """Key rotation: every stored wrapped key, and their rewrapped forms put back
+    (same key ids; NOT_FOUND for an id that is not stored). No data is rewritten.
+    """
+    UpdateKeys: _aio.UnaryUnaryMultiCallable[_admin_pb2.UpdateKeysRequest, _admin_pb2.UpdateKeysResponse]  # type: ignore[assignment]
     Check: _aio.UnaryStreamMultiCallable[_admin_pb2.CheckRequest, _admin_pb2.CheckEvent]  # type: ignore[assignment]
     """Verify the repository without the data key; streams findings and progress."""
 
@@ -173,6 +183,23 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _agent_pb2.GetKeysRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_agent_pb2.GetKeysResponse, _abc.Awaitable[_agent_pb2.GetKeysResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListKeys(
+        self,
+        request: _admin_pb2.ListKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.GetKeysResponse, _abc.Awaitable[_agent_pb2.GetKeysResponse]]:
+        """Key rotation: every stored wrapped key, and their rewrapped forms put back
+        (same key ids; NOT_FOUND for an id that is not stored). No data is rewritten.
+        """
+
+    @_abc_1.abstractmethod
+    def UpdateKeys(
+        self,
+        request: _admin_pb2.UpdateKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.UpdateKeysResponse, _abc.Awaitable[_admin_pb2.UpdateKeysResponse]]: ...
 
     @_abc_1.abstractmethod
     def Check(
