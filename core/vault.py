@@ -10,6 +10,7 @@ was revoked, with exponential backoff and jitter.
 Errors are translated at this boundary (design.md §Keys, conventions §Errors):
 
     hvac Forbidden / Unauthorized          -> PermissionDenied("Vault refused <path>: ...")
+    a failed login                         -> VaultAuthError (a PermissionDenied)
     hvac InvalidPath                       -> NotFound("Vault has nothing at <path>")
     hvac InvalidRequest                    -> UsageError / KeyMaterialError (per call)
     VaultDown, 5xx, 429, connection errors -> Unavailable("Vault at <address> is unreachable: ...")
@@ -23,7 +24,6 @@ hvac is synchronous: async callers run these methods in a thread.
 from __future__ import annotations
 
 import base64
-import dataclasses
 import logging
 import os
 import random
@@ -52,6 +52,12 @@ AUDIT = logging.getLogger("clawback.vault.audit")
 log = logging.getLogger("clawback.vault")
 
 AUTH_KINDS = ("approle", "token_file")
+
+
+class VaultAuthError(PermissionDenied):
+    """This process could not log in to Vault (bad or used-up credentials), as opposed to a policy denial."""
+
+
 GRANT_REFUSED = "restore grant was already used or has expired: refusing (possible interception)"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9_.-]+)*$")
 _SECRET_KEYS = ("token", "secret_id", "role_id", "wrapping_token", "root_token")
@@ -348,7 +354,7 @@ class VaultClient:
                 invalid=PermissionDenied,
             )
         except PermissionDenied as exc:
-            raise PermissionDenied(
+            raise VaultAuthError(
                 f"Vault refused the AppRole login with {s.role_id_file}: invalid role_id or "
                 "secret_id (revoked, expired or for another role)"
             ) from exc
@@ -373,14 +379,14 @@ class VaultClient:
                     "POST", "sys/wrapping/unwrap", None, token=wrapping, invalid=PermissionDenied
                 )
             except (PermissionDenied, NotFound) as exc:
-                raise PermissionDenied(
+                raise VaultAuthError(
                     f"the response-wrapped secret_id in {s.secret_id_file} was already unwrapped "
                     "or has expired: refusing it (possible interception); issue a new one with "
                     "`clawback vault setup`"
                 ) from exc
             secret_id = (resp.get("data") or {}).get("secret_id")
             if not secret_id:
-                raise PermissionDenied(
+                raise VaultAuthError(
                     f"{s.secret_id_file} does not wrap an AppRole secret_id: refusing it"
                 )
             self._secret_id = str(secret_id)
@@ -403,7 +409,7 @@ class VaultClient:
         try:
             resp = self._raw("GET", "auth/token/lookup-self", token=token)
         except PermissionDenied as exc:
-            raise PermissionDenied(
+            raise VaultAuthError(
                 f"the Vault token in {path} is not valid (revoked or expired): is Vault Agent running?"
             ) from exc
         data = resp.get("data") or {}
@@ -698,7 +704,3 @@ def _reason(exc: BaseException) -> str:
         if marker in text:
             return marker.lower()
     return type(exc).__name__
-
-
-def replace_settings(settings: VaultSettings, **changes: Any) -> VaultSettings:
-    return dataclasses.replace(settings, **changes)

@@ -87,3 +87,24 @@ def xattr_dir(tmp_path: Path) -> Iterator[Path]:
         yield mnt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+from deploy.vaultdev import DevVault  # noqa: E402 - the Vault fixture's helper (no hvac import)
+
+
+@pytest.fixture
+def vault(tmp_path: Path) -> Iterator[DevVault]:
+    """A real OpenBao dev server, already set up by `clawback vault setup` for agents node1 and node2.
+
+    Yields a DevVault: `.server` (address, root_token, stop/start), `.setup` (the
+    SetupResult: `.files["agent-node1" | "coordinator" | "restore"]` hold the
+    role_id/secret_id files), `.operator` (an hvac client with the root token),
+    `.operator_client` (a core.vault.VaultClient with it), `.settings`, and
+    `.client_for(role)` / `.settings_for(role)` to log in as a role with a fresh
+    response-wrapped secret_id. Starting and setting up takes well under a second.
+    """
+    dv = DevVault(tmp_path / "vault", ("node1", "node2"))
+    try:
+        yield dv
+    finally:
+        dv.close()

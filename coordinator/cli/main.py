@@ -20,10 +20,12 @@ from coordinator.cli import (
     cmd_certs,
     cmd_check,
     cmd_jobs,
+    cmd_keys,
     cmd_ls,
     cmd_repo,
     cmd_restore,
     cmd_snapshots,
+    cmd_vault,
 )
 from coordinator.cli.client import AdminClient
 from coordinator.cli.config import CliConfig, resolve
@@ -42,6 +44,8 @@ COMMANDS = (
     cmd_check,
     cmd_jobs,
     cmd_certs,
+    cmd_vault,
+    cmd_keys,
 )
 
 
