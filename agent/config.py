@@ -8,6 +8,7 @@ from pathlib import Path
 
 from core import config as cfgio
 from core.tls import TlsFiles
+from core.vault import VaultSettings, load_vault_settings
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 SOURCE_KINDS = ("volume",)  # "redis", "command" come with their capabilities
@@ -31,6 +32,7 @@ class AgentConfig:
     key_provider: str
     key_file: Path | None
     sources: tuple[SourceConfig, ...]
+    vault: VaultSettings | None = None
     workers: int = 2
     log_level: str = "info"
     heartbeat_s: float = 10.0
@@ -58,9 +60,10 @@ def load_config(path: str | Path) -> AgentConfig:
     tls.done()
 
     keys = root.table("keys", required=True)
-    provider = keys.str("provider", "file", choices=("file",))
+    provider = keys.str("provider", "vault", choices=("vault", "file"))
     key_file = keys.path("file") if provider == "file" else None
     keys.done()
+    vault = load_vault_settings(root.table("vault", required=True)) if provider == "vault" else None
 
     perf = root.table("performance")
     workers = perf.int("workers", 2, min=1, max=64)
@@ -96,6 +99,7 @@ def load_config(path: str | Path) -> AgentConfig:
         key_provider=provider,
         key_file=key_file,
         sources=tuple(sources),
+        vault=vault,
         workers=workers,
         log_level=log_level,
     )

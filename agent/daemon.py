@@ -21,6 +21,7 @@ from core.chunkid import key_check
 from core.clock import SYSTEM, Clock
 from core.format import RepoConfig
 from core.keys import KeyProvider
+from core.vaultkeys import VaultKeyProvider
 from core.wire import error_from_rpc
 from protos.clawback.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 
@@ -268,6 +269,11 @@ class AgentDaemon:
             progress=_final_progress(result.info),
         )
 
+    async def _restore_keys(self, grant: bytes) -> KeyProvider:
+        if not grant:
+            return self.keys  # a standby site's restore role, or the file provider
+        return await asyncio.to_thread(_grant_provider, self.keys, grant)
+
     async def _restore(
         self, session: Session, repo: GrpcRepoClient, repo_cfg: RepoConfig, cmd: agent_pb2.Command
     ) -> None:
@@ -275,9 +281,10 @@ class AgentDaemon:
         session.update(job_id, common_pb2.JOB_STATE_RUNNING)
         log.info("job %s: restoring snapshot %s to %s", job_id, r.snapshot.id, r.target)
         try:
+            keys = await self._restore_keys(r.grant)
             result = await run_restore(
                 repo,
-                self.keys,
+                keys,
                 repo_cfg,
                 r.snapshot,
                 _target_path(r.target),
@@ -319,6 +326,14 @@ class AgentDaemon:
             session.update(
                 job_id, common_pb2.JOB_STATE_SUCCEEDED, snapshot_id=r.snapshot.id, progress=progress
             )
+
+
+def _grant_provider(keys: KeyProvider, grant: bytes) -> KeyProvider:
+    """A provider acting with a restore grant: unwrapped here, once (design.md §Keys)."""
+    if not isinstance(keys, VaultKeyProvider):
+        raise errors.KeyMaterialError("a restore grant needs the vault key provider on this agent")
+    token = keys.client.unwrap_grant(grant.decode("ascii", "replace"))
+    return keys.for_grant(token)
 
 
 def _final_progress(info: common_pb2.SnapshotInfo) -> common_pb2.Progress:

@@ -12,11 +12,25 @@ from agent.config import AgentConfig, load_config
 from agent.daemon import AgentDaemon
 from core import __version__, errors, systemd
 from core.keys import FileKeyProvider, KeyProvider
+from core.vault import VaultClient
+from core.vaultkeys import VaultKeyProvider
+
+log = logging.getLogger("clawback.agent")
 
 
 def make_key_provider(config: AgentConfig) -> KeyProvider:
+    """The configured key provider; with Vault, log in now so bad credentials fail at start."""
     if config.key_provider == "file" and config.key_file is not None:
+        log.warning("development file key provider (%s): not for production", config.key_file)
         return FileKeyProvider(config.key_file)
+    if config.key_provider == "vault" and config.vault is not None:
+        client = VaultClient(config.vault)
+        try:
+            client.login()
+        except errors.Unavailable as exc:
+            # Not fatal: every Vault call logs in first, so service resumes when Vault returns.
+            log.warning("%s; will log in when Vault is back", exc)
+        return VaultKeyProvider(client, config.vault)
     raise errors.ConfigError(
         config.file, "keys.provider", f"unsupported provider {config.key_provider!r}"
     )
@@ -32,7 +46,7 @@ async def _serve(daemon: AgentDaemon) -> None:
         await daemon.run()
     except asyncio.CancelledError:
         systemd.notify("STOPPING=1")
-        logging.getLogger("clawback.agent").info("stopping")
+        log.info("stopping")
 
 
 def main(argv: list[str] | None = None) -> int:

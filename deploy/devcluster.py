@@ -56,6 +56,7 @@ class DevCluster:
         pack_size_mib: int = 32,
         repo_dir: Path | None = None,
         workers: int = 2,
+        vault: bool = False,
     ) -> None:
         self.workdir = Path(workdir)
         self.agents = agents
@@ -71,6 +72,39 @@ class DevCluster:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        # With vault=True: an OpenBao dev server set up by `clawback vault setup`; agents log in
+        # with AppRole, the CLI with an operator-policy token (in its environment, never argv).
+        self.use_vault = vault
+        self.vault: Any = None
+        self.operator_token = ""
+
+    def _start_vault(self) -> None:
+        from coordinator.cli.vaultsetup import policy_name
+        from deploy.vaultdev import DevVault
+
+        self.vault = DevVault(self.workdir / "vault", tuple(self.agents))
+        resp = self.vault.operator_client.request(
+            "POST", "auth/token/create", {"policies": [policy_name("operator")], "ttl": "4h"}
+        )
+        self.operator_token = str(resp["auth"]["client_token"])
+
+    def vault_secret_id(self, name: str) -> Path:
+        """Where agent `name` reads its (response-wrapped, single-use) AppRole secret_id."""
+        return self.workdir / "vault-secrets" / f"agent-{name}.secret_id"
+
+    def _refresh_secret_id(self, name: str) -> None:
+        """A fresh wrapped secret_id before each start: a wrapped one logs in once."""
+        from coordinator.cli.vaultsetup import approle_name, issue_secret_id
+
+        if self.vault is None or f"agent-{name}" not in self.vault.setup.files:
+            return
+        issue_secret_id(
+            self.vault.operator_client,
+            self.vault.settings,
+            approle_name(f"agent-{name}"),
+            self.vault_secret_id(name),
+            wrap_ttl="10m",
+        )
 
     # ---- configuration -------------------------------------------------
     @property
@@ -87,6 +121,8 @@ class DevCluster:
     def write_configs(self) -> None:
         for d in (self.workdir, self.coord_dir, self.logs):
             d.mkdir(parents=True, exist_ok=True)
+        if self.use_vault and self.vault is None:
+            self._start_vault()
         if not (self.pki / "ca.pem").exists():
             create_dev_pki(
                 self.pki, agents=list(self.agents), admins=[self.admin], hosts=[], days=30
@@ -123,13 +159,32 @@ ca = {_toml_str(self.pki / "ca.pem")}
 cert = {_toml_str(self.pki / f"admin-{self.admin}.pem")}
 key = {_toml_str(self.pki / f"admin-{self.admin}.key")}
 
-[keys]
-provider = "file"
-file = {_toml_str(self.key_file)}
+{self._cli_keys()}
 """
         )
         for name, sources in self.agents.items():
             self.write_agent_config(name, sources)
+
+    def _cli_keys(self) -> str:
+        if self.use_vault:
+            return '[keys]\nprovider = "vault"'
+        return f'[keys]\nprovider = "file"\nfile = {_toml_str(self.key_file)}'
+
+    def _agent_keys(self, name: str, key_file: Path | None) -> list[str]:
+        if not self.use_vault or key_file is not None or self.vault is None:
+            return ["[keys]", 'provider = "file"', f"file = {_toml_str(key_file or self.key_file)}"]
+        files = self.vault.setup.files.get(f"agent-{name}")
+        return [
+            "[keys]",
+            'provider = "vault"',
+            "",
+            "[vault]",
+            f"address = {_toml_str(self.vault.settings.address)}",
+            'auth = "approle"',
+            f"role_id_file = {_toml_str(files.role_id_file if files else '/nonexistent')}",
+            f"secret_id_file = {_toml_str(self.vault_secret_id(name))}",
+            "secret_id_wrapped = true",
+        ]
 
     def write_agent_config(
         self,
@@ -152,9 +207,7 @@ file = {_toml_str(self.key_file)}
             f"cert = {_toml_str(self.pki / f'agent-{cert}.pem')}",
             f"key = {_toml_str(self.pki / f'agent-{cert}.key')}",
             "",
-            "[keys]",
-            'provider = "file"',
-            f"file = {_toml_str(key_file or self.key_file)}",
+            *self._agent_keys(name, key_file),
             "",
             "[performance]",
             f"workers = {self.workers}",
@@ -220,6 +273,7 @@ file = {_toml_str(self.key_file)}
         )
 
     def start_agent(self, name: str, config: Path | None = None) -> subprocess.Popen[bytes]:
+        self._refresh_secret_id(name)
         return self._spawn(
             f"agent-{name}",
             [
@@ -287,6 +341,9 @@ file = {_toml_str(self.key_file)}
         for key in [k for k in self.procs if k != "coordinator"]:
             self.stop_process(key)
         self.stop_process("coordinator")
+        if self.vault is not None:
+            self.vault.close()
+            self.vault = None
 
     @property
     def coordinator_pid(self) -> int:
@@ -315,8 +372,15 @@ file = {_toml_str(self.key_file)}
         if json:
             argv.append("--json")
         argv += list(args)
+        env = None
+        if self.vault is not None:
+            env = {
+                **os.environ,
+                "VAULT_ADDR": self.vault.settings.address,
+                "VAULT_TOKEN": self.operator_token,
+            }
         out = subprocess.run(
-            argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+            argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, env=env
         )
         if check and out.returncode != 0:
             raise ClusterError(

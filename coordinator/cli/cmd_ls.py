@@ -241,7 +241,7 @@ def open_snapshot(
     repo = client.get_repository()
     if repo.key_check and IdHasher(provider.id_key()).key_check() != repo.key_check:
         raise KeyMaterialError(
-            f"{ctx.key_file()} is not the key file of the repository at {client.address}"
+            f"{ctx.key_source()} does not hold the keys of the repository at {client.address}"
         )
     info = client.get_snapshot(snapshot)
     reader = TreeReader(client, provider)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from coordinator.cli.output import human_size, repo_dict
-from core import errors
+from core import chunkid, errors
 from core.keys import create_key_file
 
 if TYPE_CHECKING:
@@ -45,6 +45,8 @@ def setup(
 
 def run_init(ctx: Context, args: argparse.Namespace) -> int:
     client = ctx.client()
+    if ctx.settings.key_provider == "vault":
+        return _init_with_vault(ctx, args)
     key_file = ctx.key_file()
     try:
         existing = client.get_repository()
@@ -76,6 +78,28 @@ def run_init(ctx: Context, args: argparse.Namespace) -> int:
         "keep a copy of the key file somewhere safe: without it no backup can be read; "
         "anyone holding it can read every backup (development key provider)"
     )
+    return 0
+
+
+def _init_with_vault(ctx: Context, args: argparse.Namespace) -> int:
+    """Vault holds the id key (written once by `clawback vault setup`): only its check goes to the
+    coordinator, computed through a single-use grant (the operator role cannot read the key)."""
+    client = ctx.client()
+    try:
+        existing = client.get_repository()
+    except (errors.RepositoryMissing, errors.NotFound):
+        pass
+    else:
+        raise errors.AlreadyExists(
+            f"the repository at {client.address} already exists (repo id {existing.repo_id})"
+        )
+    key_check = chunkid.key_check(ctx.key_provider().id_key())
+    cfg = client.init_repository(key_check, chunker=args.chunker, compression=args.compression)
+    if ctx.out.json_mode:
+        ctx.out.json({**repo_dict(cfg), "keys": "vault"})
+        return 0
+    ctx.out.line(f"initialised repository {cfg.repo_id} at {client.address}")
+    ctx.out.line("keys: Vault (transit data keys per snapshot, chunk-id key in KV)")
     return 0
 
 

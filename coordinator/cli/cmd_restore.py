@@ -36,6 +36,12 @@ def setup(
     )
     p.add_argument("--overwrite", action="store_true", help="replace existing files under DIR")
     p.add_argument(
+        "--no-grant",
+        action="store_true",
+        help="with Vault keys: send no restore grant (the agent restores with its own restore role, "
+        "e.g. at a standby site)",
+    )
+    p.add_argument(
         "--wait", action="store_true", help="follow the job with live progress until it ends"
     )
     p.set_defaults(func=run)
@@ -62,7 +68,17 @@ def run(ctx: Context, args: argparse.Namespace) -> int:
     paths = [snapshot_path(p) for p in args.paths]
     if b"" in paths:  # the root was named: restore everything
         paths = []
-    job = ctx.client().start_restore(args.snapshot, args.agent, args.target, paths, args.overwrite)
+    grant = b""
+    if ctx.settings.key_provider == "vault" and not args.no_grant:
+        # A single-use, short-lived, response-wrapped grant for this restore only: enough
+        # uses for the snapshot's keys and the id key, unwrapped by the agent (design.md §Keys).
+        info = ctx.client().get_snapshot(args.snapshot)
+        grant = (
+            ctx.vault_client().mint_restore_grant(ttl="15m", uses=len(info.key_ids) + 4).encode()
+        )
+    job = ctx.client().start_restore(
+        args.snapshot, args.agent, args.target, paths, args.overwrite, grant
+    )
     if not args.wait:
         if ctx.out.json_mode:
             ctx.out.json(job_dict(job))

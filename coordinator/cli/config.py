@@ -28,7 +28,7 @@ from core.errors import ConfigError, UsageError
 from core.tls import TlsFiles
 
 ENV_CONFIG = "CLAWBACK_CONFIG"
-KEY_PROVIDERS = ("file",)
+KEY_PROVIDERS = ("file", "vault")
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from coordinator.cli import (
     cmd_agents,
@@ -88,7 +89,34 @@ class Context:
         return path
 
     def key_provider(self) -> KeyProvider:
-        return FileKeyProvider(self.key_file())
+        """The operator's view of the keys: the key file, or with Vault a grant minted for itself.
+
+        The operator role may mint grants but holds no decrypt right of its own, so even
+        `ls` goes through a single-use, short-lived grant: every read of key material is a
+        grant in Vault's audit log.
+        """
+        if self.settings.key_provider != "vault":
+            return FileKeyProvider(self.key_file())
+        from core.vault import VaultClient
+        from core.vaultkeys import VaultKeyProvider
+
+        operator = self.vault_client()
+        token = operator.unwrap_grant(operator.mint_restore_grant(ttl="10m", uses=64))
+        settings = operator.settings
+        return VaultKeyProvider(VaultClient.for_token(settings, token), settings)
+
+    def key_source(self) -> str:
+        """Where keys come from, for messages."""
+        if self.settings.key_provider == "vault":
+            return "the Vault restore grant"
+        return str(self.key_file())
+
+    def vault_client(self) -> Any:
+        """The operator's own Vault session: address from $VAULT_ADDR, token from $VAULT_TOKEN or ~/.vault-token."""
+        from coordinator.cli.vaultsetup import operator_settings, operator_token
+        from core.vault import VaultClient
+
+        return VaultClient.for_token(operator_settings(), operator_token())
 
     def close(self) -> None:
         if self._client is not None:

@@ -45,7 +45,12 @@ def test_good_config(tmp_path: Path) -> None:
         (('address = "127.0.0.1:7443"', 'address = "nohost"'), "coordinator.address", "HOST:PORT"),
         (('path = "/srv/uploads"', 'path = "srv"'), "source[0].path", "absolute"),
         (('name = "uploads"', 'name = "bad name!"'), "source[0].name", "valid source name"),
-        (('provider = "file"', 'provider = "vault"'), "keys.provider", "one of"),
+        (('provider = "file"', 'provider = "kms"'), "keys.provider", "one of"),
+        (
+            ('provider = "file"\nfile = "/etc/clawback/repo.key"', 'provider = "vault"'),
+            "vault",
+            "section is required",
+        ),
         (
             ('[[source]]\nname = "uploads"', '[[source]]\nkind = "redis"\nname = "uploads"'),
             "source[0].kind",
