@@ -38,6 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, default=Path("demo-run"))
     ap.add_argument("--size", default="64M", help="size of the generated node data")
     ap.add_argument("--keep", action="store_true", help="keep the work directory afterwards")
+    ap.add_argument(
+        "--file-keys",
+        action="store_true",
+        help="use the development key file instead of Vault (OpenBao) for keys",
+    )
     args = ap.parse_args(argv)
 
     work = args.workdir.resolve()
@@ -51,13 +56,19 @@ def main(argv: list[str] | None = None) -> int:
     for n in notes:
         print(f"   note: {n}")
 
-    cluster = DevCluster(work / "cluster", {"node1": {"data": data}, "node2": {}})
+    cluster = DevCluster(
+        work / "cluster", {"node1": {"data": data}, "node2": {}}, vault=not args.file_keys
+    )
     t0 = time.monotonic()
     try:
-        step(
-            "starting a coordinator and two agents (mTLS on loopback, development CA and key file)"
-        )
+        keys = "a development key file" if args.file_keys else "Vault (an OpenBao server)"
+        step(f"starting a coordinator and two agents (mTLS on loopback; keys from {keys})")
         cluster.start()
+        if cluster.vault is not None:
+            print(
+                f"   Vault at {cluster.vault.settings.address}: agents log in with AppRole and may "
+                "create data keys but never unwrap them"
+            )
         print(f"   coordinator at {cluster.address}; repository {cluster.repo_dir}")
         show(cluster, "agents")
 
@@ -71,7 +82,10 @@ def main(argv: list[str] | None = None) -> int:
         step("backing up node1 again: unchanged files are neither read nor uploaded")
         show(cluster, "backup", "--agent", "node1", "--source", "data", "--wait")
 
-        step("restoring node1's first snapshot onto node2")
+        step(
+            "restoring node1's first snapshot onto node2"
+            + ("" if args.file_keys else " (with a single-use restore grant from Vault)")
+        )
         show(cluster, "restore", snap[:8], "--agent", "node2", "--target", str(target), "--wait")
 
         step("verifying every file byte for byte, with owners, modes, times, links and xattrs")

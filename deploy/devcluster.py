@@ -57,6 +57,7 @@ class DevCluster:
         repo_dir: Path | None = None,
         workers: int = 2,
         vault: bool = False,
+        vault_persistent: bool = False,
     ) -> None:
         self.workdir = Path(workdir)
         self.agents = agents
@@ -75,6 +76,7 @@ class DevCluster:
         # With vault=True: an OpenBao dev server set up by `clawback vault setup`; agents log in
         # with AppRole, the CLI with an operator-policy token (in its environment, never argv).
         self.use_vault = vault
+        self.vault_persistent = vault_persistent  # raft storage: survives a restart (outage tests)
         self.vault: Any = None
         self.operator_token = ""
 
@@ -82,7 +84,9 @@ class DevCluster:
         from coordinator.cli.vaultsetup import policy_name
         from deploy.vaultdev import DevVault
 
-        self.vault = DevVault(self.workdir / "vault", tuple(self.agents))
+        self.vault = DevVault(
+            self.workdir / "vault", tuple(self.agents), persistent=self.vault_persistent
+        )
         resp = self.vault.operator_client.request(
             "POST", "auth/token/create", {"policies": [policy_name("operator")], "ttl": "4h"}
         )

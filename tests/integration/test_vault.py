@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -134,3 +135,61 @@ def test_coordinator_holds_no_plaintext_and_no_key_material(
         )
     with pytest.raises(errors.PermissionDenied):
         coordinator_role.read_kv("clawback-kv", "id-key")
+
+
+def test_key_rotation_keeps_old_snapshots_restorable(cluster_factory, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    make_tricky_tree(src)
+    c = cluster_factory({"node1": {"data": src}}, vault=True)
+    c.cli("backup", "--agent", "node1", "--wait")
+    old = c.cli_json("snapshots")[-1]
+    with _admin(c) as admin:
+        before = {k.key_id: k.wrapped for k in admin.list_keys()}
+    assert all(w.startswith(b"vault:v1:") for w in before.values())
+
+    c.cli("keys", "rotate", "--raise-min-version")  # rotate, rewrap every stored key, retire v1
+    with _admin(c) as admin:
+        after = {k.key_id: k.wrapped for k in admin.list_keys()}
+    assert after.keys() == before.keys()
+    assert all(w.startswith(b"vault:v2:") for w in after.values())
+
+    (src / "after-rotation.txt").write_text("new data sealed with a v2-wrapped key\n")
+    c.cli("backup", "--agent", "node1", "--wait")
+    for snap, tree in ((old["id"], None), (c.cli_json("snapshots")[-1]["id"], src)):
+        target = tmp_path / f"restore-{snap[:8]}"
+        c.cli("restore", snap, "--agent", "node1", "--target", str(target), "--wait")
+        if tree is not None:
+            assert compare_trees(tree, target) == []
+    assert not (tmp_path / f"restore-{old['id'][:8]}" / "after-rotation.txt").exists()
+    assert (tmp_path / f"restore-{old['id'][:8]}" / "docs" / "readme.txt").exists()
+
+
+def test_vault_outage_and_token_revocation(cluster_factory, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    make_tricky_tree(src)
+    c = cluster_factory({"node1": {"data": src}}, vault=True, vault_persistent=True)
+    c.cli("backup", "--agent", "node1", "--wait")
+
+    # Every token AppRole handed out is revoked: the agent logs in again and carries on.
+    c.vault.operator_client.request("PUT", "sys/leases/revoke-prefix/auth/approle/login")
+    c.cli("backup", "--agent", "node1", "--wait")
+    assert "logging in again" in c.log_tail("agent-node1", 200)
+
+    # A backup that already holds its data key finishes while Vault is down ...
+    with open(src / "bulk.bin", "wb") as f:  # new data: long enough to still run when Vault stops
+        for _ in range(48):
+            f.write(os.urandom(4 * 1024 * 1024))
+    job_id = json.loads(c.cli("backup", "--agent", "node1", json=True).stdout)[0]["id"]
+    for _ in range(300):  # the data key is fetched before any file is read
+        state = json.loads(c.cli("job", job_id, json=True).stdout)
+        if state["progress"]["bytes_done"] or state["state"] != "running":
+            break
+    c.vault.server.stop()
+    assert state["state"] == "running", "the backup ended before Vault stopped: make it longer"
+    assert _watch(c, job_id)["state"] == "succeeded"
+    # ... the next one fails fast, naming Vault ...
+    r = c.cli("backup", "--agent", "node1", "--wait", check=False)
+    assert r.returncode == 1 and "Vault" in r.stdout + r.stderr
+    # ... and service resumes by itself once Vault is back.
+    c.vault.server.start()
+    c.cli("backup", "--agent", "node1", "--wait")
