@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PROTOS := $(wildcard protos/clawback/v1/*.proto)
 
-.PHONY: setup demo test test-fast lint typecheck importlint protos protos-check bench bench-quick clean
+.PHONY: setup demo test test-fast lint typecheck importlint protos protos-check bench bench-quick bench-deps clean
 
 setup: $(STAMP)
 
@@ -42,10 +42,14 @@ protos: setup
 		--plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy --mypy_out=. \
 		--plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc --mypy_grpc_out=. $(PROTOS)
 
-bench: setup
-	$(BIN)/python -m bench.run
+# The benchmark's peers: restic (apt-get) and borgbackup (pip, built from source), installed only if missing.
+bench-deps: setup
+	$(BIN)/python -m bench.peers --install
 
-bench-quick: setup
+bench: bench-deps
+	$(BIN)/python -m bench.run --json bench/results/latest.json
+
+bench-quick: bench-deps
 	$(BIN)/python -m bench.run --quick
 
 clean:

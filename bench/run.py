@@ -1,28 +1,36 @@
-"""The benchmark runner: back up and restore a generated node volume with each tool, measuring every step.
+"""The benchmark runner: clawback, restic and Borg back up and restore the same generated node volume.
 
-    python -m bench.run [--quick] [--size 2G] [--seed 1] [--json FILE] [--keep]
-                        [--workdir /var/tmp/clawback-bench] [--tools clawback] [--drop-caches]
+    python -m bench.run [--quick] [--size 2G] [--repeat 3] [--seed 1] [--json FILE] [--keep]
+                        [--workdir /var/tmp/clawback-bench] [--tools clawback restic borg]
+                        [--no-install] [--drop-caches]
 
-For each tool, on a freshly generated volume (`bench.generate`, same seed, so
-every tool sees identical bytes), four measured steps:
+Each repetition generates the volume afresh (`bench.generate`, same seed, so
+every repetition and every tool sees identical bytes), gives every tool a
+fresh repository, reads the data once untimed (warm page cache), then runs
+four measured steps, interleaved: each step is done by every tool in turn
+before the next step starts, and the tool order rotates by one per repetition.
 
 1. `backup-full`: the first backup;
 2. `backup-unchanged`: the same data again (the files cache at work);
-3. `backup-mutated`: after `bench.generate.mutate` (5 % of small files
-   rewritten, 1 % of the database's pages, logs appended, files added and
-   deleted);
-4. `restore`: the last snapshot into an empty directory, then verified byte
-   for byte and by metadata with `bench.verify.compare_trees` (not timed).
+3. `backup-mutated`: after `bench.generate.mutate`, applied once for all tools
+   (5 % of small files rewritten, 1 % of the database's pages, logs appended,
+   files added and deleted);
+4. `restore`: the last snapshot into an empty directory; after all tools have
+   restored, each restore is verified byte for byte and by metadata with
+   `bench.verify.compare_trees` (not timed).
 
 Per step: wall time, throughput (source bytes / wall), CPU seconds of each
 long-lived process of the tool (utime+stime from /proc/<pid>/stat, its
 children included) and of the CLI processes the runner starts
 (RUSAGE_CHILDREN), peak RSS of each (VmHWM from /proc/<pid>/status, reset at
-the start of the step through /proc/<pid>/clear_refs), and repository size
-(du) after the step.
+the start of the step through /proc/<pid>/clear_refs, sampled every 0.2 s),
+and repository size (du) after the step. The report gives per tool and step
+the medians over the repetitions, and clawback's ratios to each peer and to
+the faster peer; `--json` adds every raw sample.
 
-A tool is anything with the `Tool` protocol's methods; peers (restic, Borg)
-are added to `TOOLS`.
+A tool is anything with the `Tool` protocol's methods: clawback here, restic
+and Borg in `bench.peers`. Missing peers are installed as `make bench-deps`
+does (as root), or the run stops with a non-zero exit status.
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,6 +58,7 @@ from bench.verify import compare_trees, summarize
 DEFAULT_WORKDIR = Path("/var/tmp/clawback-bench")
 QUICK_SIZE = "200M"
 DEFAULT_SIZE = "2G"
+DEFAULT_REPEAT = 3
 STEPS = ("backup-full", "backup-unchanged", "backup-mutated", "restore")
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -82,6 +91,9 @@ class Tool(Protocol):
 
     def stop(self) -> None:
         """Stop the daemons (idempotent; also called after a failure)."""
+
+    # Optional: `restored_path(target) -> Path`, where the source tree lies inside `target`
+    # after `restore` when it is not `target` itself (restic and Borg keep the absolute path).
 
 
 # --------------------------------------------------------------------------- /proc
@@ -213,8 +225,11 @@ class Meter:
     `clawback ... --wait` commands last the whole step).
     """
 
-    def __init__(self, daemons: dict[str, int], interval: float = 0.2) -> None:
+    def __init__(
+        self, daemons: dict[str, int], interval: float = 0.2, exclude: Iterable[int] = ()
+    ) -> None:
         self.daemons = dict(daemons)
+        self.exclude = set(exclude)  # other tools' daemons: neither ours nor "cli"
         self.interval = interval
         self.peaks: dict[str, int] = {}
         self.cpu: dict[str, float] = {}
@@ -233,8 +248,14 @@ class Meter:
             pids = [pid, *_descendants(pid, table)] if pid in table else []
             roles[role] = pids
             daemon_pids.update(pids)
+        others: set[int] = set()
+        for pid in self.exclude - set(self.daemons.values()):
+            if pid in table:
+                others.update([pid, *_descendants(pid, table)])
         me = os.getpid()
-        roles["cli"] = [p for p in _descendants(me, table) if p not in daemon_pids]
+        roles["cli"] = [
+            p for p in _descendants(me, table) if p not in daemon_pids and p not in others
+        ]
         return roles
 
     def _cpu(self, table: dict[int, tuple[int, int]]) -> dict[str, int]:
@@ -396,8 +417,27 @@ class ClawbackTool:
             self.cluster = None
 
 
-#: name -> factory; restic and Borg join here.
-TOOLS: dict[str, Callable[[], Tool]] = {"clawback": ClawbackTool}
+def _restic() -> Tool:
+    from bench.peers import ResticTool  # bench.peers imports this module
+
+    return ResticTool()
+
+
+def _borg() -> Tool:
+    from bench.peers import BorgTool
+
+    return BorgTool()
+
+
+#: name -> factory. clawback first: it is the subject, the others are its peers.
+TOOLS: dict[str, Callable[[], Tool]] = {"clawback": ClawbackTool, "restic": _restic, "borg": _borg}
+PEERS = ("restic", "borg")
+SUBJECT = "clawback"
+
+#: The issue's acceptance ratios (clawback / the faster peer, by median wall time), for the report.
+TARGET_RATIOS = {"backup-full": 0.6, "backup-unchanged": 0.5, "backup-mutated": 0.6, "restore": 0.8}
+TARGET_REPO_VS_RESTIC = 1.05
+TARGET_AGENT_RSS = 200 << 20
 
 
 # --------------------------------------------------------------------------- the run
@@ -412,6 +452,8 @@ class ToolResult:
     difference_count: int = 0
     mutation: dict[str, Any] | None = None
     error: str | None = None
+    repetition: int = 0
+    position: int = 0  # this tool's place in the repetition's order (0 = ran each step first)
 
 
 def _drop_caches() -> None:
@@ -422,19 +464,39 @@ def _drop_caches() -> None:
         print(f"  (cannot drop caches: {exc.strerror})", file=sys.stderr)
 
 
+def warm(path: Path) -> int:
+    """Read every regular file under `path` once (an untimed pass that puts the data in the page cache)."""
+    total = 0
+    buf = bytearray(1 << 20)
+    for dirpath, _, filenames in os.walk(path):
+        for name in filenames:
+            p = os.path.join(dirpath, name)
+            with suppress(OSError):
+                if not stat.S_ISREG(os.lstat(p).st_mode):
+                    continue
+                with open(p, "rb", buffering=0) as f:
+                    while n := f.readinto(buf):
+                        total += n
+    return total
+
+
 def measure(
     tool: Tool,
     step: str,
     action: Callable[[], str | None],
     source_bytes: int,
     drop_caches: bool = False,
+    exclude: Iterable[int] = (),
 ) -> StepResult:
-    """Run one step of `tool` under a `Meter`; failures are recorded in the result, not raised."""
+    """Run one step of `tool` under a `Meter`; failures are recorded in the result, not raised.
+
+    `exclude`: pids of other tools' daemons, which are also our children but not this tool's.
+    """
     os.sync()  # writeback of the previous step must not be billed to this one
     if drop_caches:
         _drop_caches()
     result = StepResult(step=step, source_bytes=source_bytes)
-    meter = Meter(tool.processes())
+    meter = Meter(tool.processes(), exclude=exclude)
     t0 = time.perf_counter()
     with meter:
         try:
@@ -458,6 +520,127 @@ def measure(
     return result
 
 
+def restored_root(tool: Tool, target: Path) -> Path:
+    """Where the source tree is inside `target` after a restore (peers keep the absolute path)."""
+    fn = getattr(tool, "restored_path", None)
+    return Path(fn(target)) if fn is not None else target
+
+
+def run_round(
+    tools: list[Tool],
+    workdir: Path,
+    size: str | int,
+    seed: int,
+    repetition: int = 0,
+    drop_caches: bool = False,
+    log: Callable[[str], None] = print,
+    keep_restores: bool = False,
+) -> tuple[list[ToolResult], Manifest]:
+    """One repetition: generate the volume, then every step with each tool in turn, each on a fresh repository.
+
+    Steps are interleaved (all tools do the full backup, then all the unchanged
+    one, ...), in the order of `tools`; the volume is mutated once, between the
+    second and third backups, so every tool backs up identical bytes. A tool
+    that fails a step sits out the rest of the round. Restores are verified
+    after all tools have restored (untimed).
+    """
+    data = workdir / "data"
+    if data.exists():
+        shutil.rmtree(data)
+    for tool in tools:
+        if (workdir / tool.name).exists():
+            shutil.rmtree(workdir / tool.name)
+        (workdir / tool.name).mkdir(parents=True)
+    tag = f"rep {repetition + 1}"
+    log(f"[{tag}] generating {size} (seed {seed}) in {data}")
+    manifest = generate(data, size, seed)
+    log(
+        f"[{tag}] {manifest.files} files, {manifest.total_bytes / 1e6:.1f} MB in {manifest.seconds:.1f} s; "
+        f"order: {', '.join(t.name for t in tools)}"
+    )
+    results = {
+        t.name: ToolResult(tool=t.name, repetition=repetition, position=i)
+        for i, t in enumerate(tools)
+    }
+    snapshots: dict[str, list[str]] = {t.name: [] for t in tools}
+    live: list[Tool] = []
+    try:
+        for tool in tools:
+            try:
+                log(f"[{tag}] [{tool.name}] starting")
+                tool.start(workdir / tool.name / "work", data)
+                live.append(tool)
+            except Exception as exc:
+                traceback.print_exc()
+                results[tool.name].error = f"start: {type(exc).__name__}: {exc}"
+        warm(data)
+        active = list(live)
+        for step in STEPS:
+            if step == "backup-mutated":
+                summary: MutationSummary = mutate(data, seed + 1)
+                for r in results.values():
+                    r.mutation = summary.to_json()
+                log(
+                    f"[{tag}] mutated: {summary.rewritten_files} rewritten, {summary.added_files} added, "
+                    f"{summary.deleted_files} deleted, {summary.db_pages_changed} db pages, "
+                    f"{summary.logs_appended} logs appended"
+                )
+                warm(data)
+            source_bytes = tree_bytes(data)
+            for tool in list(active):
+                name = tool.name
+
+                def backup(tool: Tool = tool) -> str:
+                    sid = tool.backup()
+                    snapshots[tool.name].append(sid)
+                    return sid
+
+                def restore(tool: Tool = tool) -> str:
+                    tool.restore(snapshots[tool.name][-1], workdir / tool.name / "restore")
+                    return snapshots[tool.name][-1]
+
+                others = [pid for t in live if t is not tool for pid in t.processes().values()]
+                result = measure(
+                    tool,
+                    step,
+                    restore if step == "restore" else backup,
+                    source_bytes,
+                    drop_caches,
+                    exclude=others,
+                )
+                results[name].steps.append(result)
+                log(
+                    f"[{tag}] [{name}] {step}: {result.wall_s:.2f} s"
+                    + (f"  ERROR {result.error}" if result.error else "")
+                )
+                if result.error:
+                    results[name].error = f"{step}: {result.error}"
+                    active.remove(tool)
+        for tool in active:
+            res = results[tool.name]
+            target = workdir / tool.name / "restore"
+            log(f"[{tag}] [{tool.name}] verifying the restore against the source")
+            try:
+                diffs = compare_trees(data, restored_root(tool, target))
+            except OSError as exc:
+                diffs = [f".: restored tree unreadable: {exc}"]
+            res.verified = not diffs
+            res.difference_count = len(diffs)
+            res.differences = diffs[:100]
+            log(f"[{tag}] [{tool.name}] restore: {summarize(diffs)}")
+            if not keep_restores:
+                shutil.rmtree(target, ignore_errors=True)
+    except Exception as exc:  # the report must still be written; the traceback goes to stderr
+        traceback.print_exc()
+        for r in results.values():
+            r.error = r.error or f"{type(exc).__name__}: {exc}"
+    finally:
+        for tool in tools:
+            with suppress(Exception):
+                tool.stop()
+    return [results[t.name] for t in tools], manifest
+
+
 def run_tool(
     tool: Tool,
     workdir: Path,
@@ -466,81 +649,134 @@ def run_tool(
     drop_caches: bool = False,
     log: Callable[[str], None] = print,
 ) -> tuple[ToolResult, Manifest]:
-    """Generate the volume, then back it up three times and restore it with `tool`; verify the restore."""
-    data = workdir / "data"
-    tool_dir = workdir / tool.name
-    for d in (data, tool_dir):
-        if d.exists():
-            shutil.rmtree(d)
-    tool_dir.mkdir(parents=True)
-    log(f"[{tool.name}] generating {size} (seed {seed}) in {data}")
-    manifest = generate(data, size, seed)
-    log(
-        f"[{tool.name}] {manifest.files} files, {manifest.total_bytes / 1e6:.1f} MB in {manifest.seconds:.1f} s"
+    """One tool alone: generate the volume, back it up three times, restore it and verify the restore."""
+    results, manifest = run_round(
+        [tool], workdir, size, seed, drop_caches=drop_caches, log=log, keep_restores=True
     )
-    res = ToolResult(tool=tool.name)
-    snapshots: list[str] = []
+    return results[0], manifest
 
-    def backup() -> str:
-        sid = tool.backup()
-        snapshots.append(sid)
-        return sid
 
-    def restore() -> str:
-        tool.restore(snapshots[-1], tool_dir / "restore")
-        return snapshots[-1]
+# --------------------------------------------------------------------------- statistics
 
-    try:
-        log(f"[{tool.name}] starting")
-        tool.start(tool_dir / "work", data)
+
+def median(values: list[float]) -> float:
+    v = sorted(values)
+    n = len(v)
+    if not n:
+        raise ValueError("median of nothing")
+    return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
+
+
+def _main_rss_role(roles: Iterable[str]) -> str | None:
+    """The process compared with a peer's: the agent (what runs on the node), else the CLI."""
+    roles = list(roles)
+    agents = [r for r in roles if r.startswith("agent:")]
+    return agents[0] if agents else ("cli" if "cli" in roles else None)
+
+
+def summarize_results(results: list[ToolResult]) -> dict[str, dict[str, dict[str, Any]]]:
+    """tool -> step -> medians over the successful repetitions (and the sample count `n`)."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    by_tool: dict[str, list[ToolResult]] = {}
+    for r in results:
+        by_tool.setdefault(r.tool, []).append(r)
+    for tool, runs in by_tool.items():
+        out[tool] = {}
         for step in STEPS:
-            if step == "backup-mutated":
-                summary: MutationSummary = mutate(data, seed + 1)
-                res.mutation = summary.to_json()
-                log(
-                    f"[{tool.name}] mutated: {summary.rewritten_files} rewritten, {summary.added_files} added, "
-                    f"{summary.deleted_files} deleted, {summary.db_pages_changed} db pages, "
-                    f"{summary.logs_appended} logs appended"
-                )
-            action = restore if step == "restore" else backup
-            log(f"[{tool.name}] {step} ...")
-            result = measure(tool, step, action, tree_bytes(data), drop_caches)
-            res.steps.append(result)
-            log(
-                f"[{tool.name}] {step}: {result.wall_s:.2f} s"
-                + (f"  ERROR {result.error}" if result.error else "")
-            )
-            if result.error:
-                res.error = f"{step}: {result.error}"
-                break
-        else:
-            log(f"[{tool.name}] verifying the restore against the source")
-            diffs = compare_trees(data, tool_dir / "restore")
-            res.verified = not diffs
-            res.difference_count = len(diffs)
-            res.differences = diffs[:100]
-            log(f"[{tool.name}] restore: {summarize(diffs)}")
-    except Exception as exc:  # the report must still be written; the traceback goes to stderr
-        traceback.print_exc()
-        res.error = f"{type(exc).__name__}: {exc}"
-    finally:
-        tool.stop()
-    return res, manifest
+            samples = [s for r in runs for s in r.steps if s.step == step and not s.error]
+            if not samples:
+                continue
+            roles = sorted({k for s in samples for k in s.cpu_s})
+            rss_roles = sorted({k for s in samples for k in s.peak_rss_bytes})
+            main_role = _main_rss_role(rss_roles)
+            entry: dict[str, Any] = {
+                "n": len(samples),
+                "wall_s": round(median([s.wall_s for s in samples]), 3),
+                "wall_s_samples": [s.wall_s for s in samples],
+                "cpu_s": round(median([sum(s.cpu_s.values()) for s in samples]), 2),
+                "cpu_s_by_process": {
+                    role: round(median([s.cpu_s.get(role, 0.0) for s in samples]), 2)
+                    for role in roles
+                },
+                "peak_rss_bytes_by_process": {
+                    role: int(median([s.peak_rss_bytes.get(role, 0) for s in samples]))
+                    for role in rss_roles
+                },
+                "peak_rss_bytes": (
+                    int(median([s.peak_rss_bytes.get(main_role, 0) for s in samples]))
+                    if main_role
+                    else None
+                ),
+                "peak_rss_process": main_role,
+                "mb_per_s": round(median([s.mb_per_s for s in samples]), 1),
+                "source_bytes": samples[0].source_bytes,
+            }
+            repo = [s.repo_bytes for s in samples if s.repo_bytes is not None]
+            entry["repo_bytes"] = int(median([float(x) for x in repo])) if repo else None
+            out[tool][step] = entry
+    return out
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b <= 0:
+        return None
+    return round(a / b, 3)
+
+
+def compare(summary: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """step -> clawback's ratios to each peer and to the faster peer (by median wall time)."""
+    out: dict[str, dict[str, Any]] = {}
+    mine = summary.get(SUBJECT, {})
+    for step in STEPS:
+        me = mine.get(step)
+        peers = {p: summary[p][step] for p in PEERS if step in summary.get(p, {})}
+        if not me or not peers:
+            continue
+        entry: dict[str, Any] = {}
+        for p, other in peers.items():
+            entry[p] = {
+                "wall": _ratio(me["wall_s"], other["wall_s"]),
+                "cpu": _ratio(me["cpu_s"], other["cpu_s"]),
+                "peak_rss": _ratio(me["peak_rss_bytes"], other["peak_rss_bytes"]),
+                "repo": _ratio(me["repo_bytes"], other["repo_bytes"]),
+            }
+        fastest = min(peers, key=lambda p: peers[p]["wall_s"])
+        entry["faster_peer"] = fastest
+        entry["vs_faster"] = entry[fastest]
+        target = TARGET_RATIOS.get(step)
+        wall = entry[fastest]["wall"]
+        entry["target_wall"] = target
+        entry["meets_wall"] = None if target is None or wall is None else wall <= target
+        out[step] = entry
+    return out
 
 
 # --------------------------------------------------------------------------- reporting
 
 
-def _mib(n: int | None) -> str:
+def _mib(n: int | float | None) -> str:
     return "-" if n is None else f"{n / (1 << 20):.1f}"
 
 
 def _short(role: str) -> str:
     return (
-        role.split(":", 1)[1]
+        "agent " + role.split(":", 1)[1]
         if role.startswith("agent:")
         else ("coord" if role == "coordinator" else role)
     )
+
+
+def _grid(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [
+        "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        )
+        for r in rows
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
 
 
 def format_table(res: ToolResult) -> str:
@@ -569,38 +805,115 @@ def format_table(res: ToolResult) -> str:
         ]
         row += [_mib(s.repo_bytes)]
         rows.append(row)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    lines = [
-        "  ".join(
-            c.ljust(w) if i == 0 else c.rjust(w)
-            for i, (c, w) in enumerate(zip(r, widths, strict=True))
-        )
-        for r in rows
-    ]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = _grid(rows)
     verdict = {
         True: "restore verified: identical",
         False: f"restore DIFFERS ({res.difference_count})",
         None: "",
     }
     tail = [verdict[res.verified]] if res.verified is not None else []
+    if res.verified is False:
+        tail += [f"  {d}" for d in res.differences[:5]]
     if res.error:
         lines_ = res.error.strip().splitlines() or [""]
         short = lines_[0] if len(lines_) == 1 else f"{lines_[0]} ... {lines_[-1]}"
         tail.append(f"error: {short[:300]} (in full in the JSON report)")
-    return "\n".join([f"== {res.tool}", *lines, *tail])
+    title = f"== {res.tool}" + (f" (repetition {res.repetition + 1})" if res.repetition else "")
+    return "\n".join([title, *lines, *tail])
+
+
+def _x(r: float | None) -> str:
+    return "-" if r is None else f"{r:.2f}x"
+
+
+def format_summary(
+    summary: dict[str, dict[str, dict[str, Any]]], ratios: dict[str, dict[str, Any]]
+) -> str:
+    """Per step: every tool's medians, then clawback's ratios to each peer and to the faster one."""
+    out: list[str] = []
+    tools = [t for t in TOOLS if t in summary] + [t for t in summary if t not in TOOLS]
+    for step in STEPS:
+        present = [t for t in tools if step in summary[t]]
+        if not present:
+            continue
+        n = max(summary[t][step]["n"] for t in present)
+        out.append(f"-- {step} (median of {n})")
+        rows = [["tool", "wall s", "cpu s", "MB/s", "peak RSS MiB", "repo MiB"]]
+        for t in present:
+            e = summary[t][step]
+            rss = ", ".join(
+                f"{_short(r)} {_mib(v)}" for r, v in e["peak_rss_bytes_by_process"].items()
+            )
+            rows.append(
+                [
+                    t,
+                    f"{e['wall_s']:.2f}",
+                    f"{e['cpu_s']:.2f}",
+                    f"{e['mb_per_s']:.1f}",
+                    rss or "-",
+                    _mib(e["repo_bytes"]),
+                ]
+            )
+        out += _grid(rows)
+        r = ratios.get(step)
+        if r:
+            for p in PEERS:
+                if p in r:
+                    q = r[p]
+                    out.append(
+                        f"{SUBJECT} / {p}: wall {_x(q['wall'])}, cpu {_x(q['cpu'])}, "
+                        f"peak RSS {_x(q['peak_rss'])}, repo {_x(q['repo'])}"
+                    )
+            target = r["target_wall"]
+            verdict = (
+                ""
+                if r["meets_wall"] is None
+                else f" (target <= {target:.2f}x: {'met' if r['meets_wall'] else 'NOT met'})"
+            )
+            out.append(
+                f"{SUBJECT} / faster peer ({r['faster_peer']}): wall {_x(r['vs_faster']['wall'])}{verdict}"
+            )
+        out.append("")
+    mine = summary.get(SUBJECT, {})
+    agent_peaks = [
+        v
+        for e in mine.values()
+        for role, v in e["peak_rss_bytes_by_process"].items()
+        if role.startswith("agent:")
+    ]
+    if agent_peaks:
+        top = max(agent_peaks)
+        out.append(
+            f"{SUBJECT} agent peak RSS (max over steps): {_mib(top)} MiB "
+            f"(target <= {_mib(TARGET_AGENT_RSS)} MiB: {'met' if top <= TARGET_AGENT_RSS else 'NOT met'})"
+        )
+    last = "backup-mutated"
+    if last in mine and last in summary.get("restic", {}):
+        q = _ratio(mine[last]["repo_bytes"], summary["restic"][last]["repo_bytes"])
+        if q is not None:
+            out.append(
+                f"{SUBJECT} repository / restic's after the last backup: {_x(q)} "
+                f"(target <= {TARGET_REPO_VS_RESTIC:.2f}x: {'met' if q <= TARGET_REPO_VS_RESTIC else 'NOT met'})"
+            )
+    return "\n".join(out).rstrip()
 
 
 def _host() -> dict[str, Any]:
     mem = 0
+    model = ""
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemTotal:"):
                 mem = int(line.split()[1]) * 1024
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
     except OSError:
         pass
     return {
         "cpus": os.cpu_count(),
+        "cpu_model": model,
         "memory_bytes": mem,
         "kernel": platform.release(),
         "python": platform.python_version(),
@@ -608,13 +921,28 @@ def _host() -> dict[str, Any]:
     }
 
 
+def rotated(names: list[str], repetition: int) -> list[str]:
+    """The tool order of a repetition: rotated by one each time, so no tool always goes first."""
+    if not names:
+        return names
+    k = repetition % len(names)
+    return names[k:] + names[:k]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.run", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("--quick", action="store_true", help=f"a smoke run on {QUICK_SIZE} of data")
+    parser.add_argument(
+        "--quick", action="store_true", help=f"a smoke run: {QUICK_SIZE} of data, one repetition"
+    )
     parser.add_argument(
         "--size", help=f"volume size (default {DEFAULT_SIZE}; {QUICK_SIZE} with --quick)"
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        help=f"repetitions, each on fresh repositories; medians are reported (default {DEFAULT_REPEAT}; 1 with --quick)",
     )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
@@ -622,53 +950,101 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--keep", action="store_true", help="keep the data, repositories and restores"
     )
-    parser.add_argument("--tools", nargs="+", choices=sorted(TOOLS), default=sorted(TOOLS))
+    parser.add_argument(
+        "--tools", nargs="+", choices=list(TOOLS), default=list(TOOLS), help="default: all"
+    )
+    parser.add_argument(
+        "--no-install",
+        action="store_true",
+        help="do not install missing peers (by default, as root, they are installed like `make bench-deps`)",
+    )
     parser.add_argument(
         "--drop-caches", action="store_true", help="drop the page cache before each step"
     )
     args = parser.parse_args(argv)
     size = args.size or (QUICK_SIZE if args.quick else DEFAULT_SIZE)
+    repeat = args.repeat or (1 if args.quick else DEFAULT_REPEAT)
+    if repeat < 1:
+        parser.error("--repeat must be at least 1")
     try:
         parse_size(size)
     except ValueError as exc:
         parser.error(str(exc))
+    names: list[str] = list(dict.fromkeys(args.tools))
+
+    wanted_peers = [t for t in names if t in PEERS]
+    versions: dict[str, str | None] = {}
+    if wanted_peers:
+        from bench.peers import ensure_peers, peer_versions
+
+        problems = ensure_peers(wanted_peers, install=not args.no_install)
+        if problems:
+            for why in problems.values():
+                print(f"error: {why}", file=sys.stderr)
+            print(
+                "error: the benchmark needs its peers; install them with `make bench-deps` "
+                f"(or measure clawback alone with --tools {SUBJECT})",
+                file=sys.stderr,
+            )
+            return 2
+        versions = {k: v for k, v in peer_versions().items() if k in wanted_peers}
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "size": size,
         "seed": args.seed,
+        "repeat": repeat,
         "drop_caches": args.drop_caches,
         "host": _host(),
+        "versions": versions,
         "steps": list(STEPS),
+        "tools": names,
         "results": [],
     }
     tables: list[str] = []
     ok = True
+    all_results: list[ToolResult] = []
     try:
-        for name in args.tools:
-            res, manifest = run_tool(TOOLS[name](), args.workdir, size, args.seed, args.drop_caches)
+        for rep in range(repeat):
+            order = rotated(names, rep)
+            tools = [TOOLS[n]() for n in order]
+            results, manifest = run_round(
+                tools, args.workdir, size, args.seed, rep, args.drop_caches, keep_restores=args.keep
+            )
             report["volume"] = manifest.to_json()
-            report["results"].append(asdict(res))
-            tables.append(format_table(res))
-            print("\n" + tables[-1] + "\n", flush=True)
-            ok = ok and res.error is None and res.verified is True
+            for res in results:
+                all_results.append(res)
+                report["results"].append(asdict(res))
+                tables.append(format_table(res))
+                print("\n" + tables[-1] + "\n", flush=True)
+                ok = ok and res.error is None and res.verified is True
     finally:
+        summary = summarize_results(all_results)
+        ratios = compare(summary)
+        report["summary"] = summary
+        report["ratios"] = ratios
+        report["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(report, indent=2) + "\n")
         if not args.keep:
-            for name in ["data", *args.tools]:
+            for name in ["data", *names]:
                 shutil.rmtree(args.workdir / name, ignore_errors=True)
             with suppress(OSError):
                 args.workdir.rmdir()
     v = report.get("volume", {})
     print(
         f"volume: {size}, seed {args.seed}: {v.get('files', 0)} files, {v.get('total_bytes', 0) / 1e6:.1f} MB; "
-        f"host: {report['host']['cpus']} CPUs, {report['host']['memory_bytes'] / (1 << 30):.1f} GiB"
+        f"{repeat} repetition(s); host: {report['host']['cpus']} CPUs, "
+        f"{report['host']['memory_bytes'] / (1 << 30):.1f} GiB"
     )
-    for t in tables:
-        print(t)
+    for name, version in versions.items():
+        print(f"{name}: {version}")
+    print()
+    print(format_summary(summary, ratios))
+    if not ok:
+        print("\nSOME RUNS FAILED or restores differ: see the per-repetition tables above")
     if args.json:
         print(f"results written to {args.json}")
     return 0 if ok else 1
