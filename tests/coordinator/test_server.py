@@ -16,13 +16,13 @@ import blake3
 import grpc
 import pytest
 
+from coordinator.cli.certs import create_dev_pki
 from coordinator.config import CoordinatorConfig, load_config
 from coordinator.main import open_store
 from coordinator.server import build_server, stop_server
 from core import tls, wire
 from core.tls import TlsFiles
 from protos.clawback.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc, common_pb2
-from tests.coordinator.pki import TestCA
 
 KEY_CHECK = bytes(range(16))
 CAPS = ["backup.volume.v1", "restore.v1", "cut.v1"]
@@ -57,14 +57,14 @@ class Env:
 
 @pytest.fixture
 async def env(tmp_path: Path) -> AsyncIterator[Env]:
-    ca = TestCA(tmp_path / "pki")
-    other = TestCA(tmp_path / "other-pki", name="some other CA")
-    server_tls = ca.issue("coordinator", "coordinator", server=True)
+    pki = create_dev_pki(tmp_path / "pki", agents=["node1", "node2"], admins=["ops"], days=1)
+    other = create_dev_pki(tmp_path / "other-pki", agents=["node1"], days=1)  # some other CA
+    server_tls = pki["coordinator"]
     certs = {
-        "node1": ca.issue("node1", "agent"),
-        "node2": ca.issue("node2", "agent"),
-        "ops": ca.issue("ops", "admin"),
-        "stranger": other.issue("node1", "agent"),
+        "node1": pki["agents"]["node1"],
+        "node2": pki["agents"]["node2"],
+        "ops": pki["admins"]["ops"],
+        "stranger": other["agents"]["node1"],
     }
     cfg_file = tmp_path / "coordinator.toml"
     cfg_file.write_text(
@@ -567,9 +567,8 @@ async def _start_daemon(config: Path) -> tuple[asyncio.subprocess.Process, int]:
 
 
 async def test_daemon_serves_and_stops(tmp_path: Path) -> None:
-    ca = TestCA(tmp_path / "pki")
-    server_tls = ca.issue("coordinator", "coordinator", server=True)
-    admin_tls = ca.issue("ops", "admin")
+    pki = create_dev_pki(tmp_path / "pki", admins=["ops"], days=1)
+    server_tls, admin_tls = pki["coordinator"], pki["admins"]["ops"]
     body = (
         '[coordinator]\ndata_dir = "data"\nlisten = "127.0.0.1:{port}"\n'
         f'[tls]\nca = "{server_tls.ca}"\ncert = "{server_tls.cert}"\nkey = "{server_tls.key}"\n'

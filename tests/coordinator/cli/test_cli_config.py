@@ -59,7 +59,7 @@ def test_default_path_from_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         ('coordinator = "h:1"\n', "coordinator", "must be a table"),
         ("[tls]\nca = 1\n", "tls.ca", "must be a string"),
         ('[tls]\ncert = ""\n', "tls.cert", "must not be empty"),
-        ('[keys]\nprovider = "vault"\n', "keys.provider", "must be one of file"),
+        ('[keys]\nprovider = "hsm"\n', "keys.provider", "must be one of file, vault"),
         ("[keys]\nfile = true\n", "keys.file", "not a boolean"),
         ("[extra]\nx = 1\n", "extra", "unknown key"),
     ],
