@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.filescache import FilesCache
+from agent.progress import ProgressReporter
 from agent.repo import Blob, RepoClient, UploadStream
 from agent.tree import (
     DIR,
@@ -61,7 +62,6 @@ MISSING_BATCH = min(4096, MAX_IDS_PER_QUERY)  # ids per MissingBlobs request
 READ_BUDGET = 8 * 1024 * 1024  # plaintext bytes a file task gathers before dedup/seal/upload
 SMALL_GROUP_FILES = 256  # small files handled per thread call
 UPLOAD_BATCH = 6 * 1024 * 1024  # envelope bytes per UploadStream.send
-PROGRESS_INTERVAL = 0.5
 MAX_WARNINGS = 1000
 
 _O_NOATIME = getattr(os, "O_NOATIME", 0)
@@ -181,7 +181,6 @@ class _Backup:
     ) -> None:
         self.repo, self.cfg, self.job_id, self.cache, self.clock = repo, cfg, job_id, cache, clock
         self.root = os.fsencode(root)
-        self.on_progress = on_progress
         self.workers = max(1, workers)
         self.hasher = IdHasher(keys.id_key())
         self.chunker = Chunker(params(cfg.chunker))
@@ -200,11 +199,11 @@ class _Backup:
         self.dirs: list[_Dir] = []
         self.files: list[_Entry] = []
         self.links: list[_Entry] = []  # hard links sharing a primary's content
-        self.p = common_pb2.Progress()
+        self.reporter = ProgressReporter(on_progress, clock)
+        self.p = self.reporter.p
         self.files_read = 0
         self.data_new = 0
         self.tree_new = 0
-        self._last_progress = -1e18
 
     # -- helpers -----------------------------------------------------------------
 
@@ -215,14 +214,7 @@ class _Backup:
             self.warnings.append(msg)
 
     def progress(self, force: bool = False) -> None:
-        if self.on_progress is None:
-            return
-        now = self.clock.monotonic()
-        if force or now - self._last_progress >= PROGRESS_INTERVAL:
-            self._last_progress = now
-            snap = common_pb2.Progress()
-            snap.CopyFrom(self.p)
-            self.on_progress(snap)
+        self.reporter.report(force)
 
     async def run_cpu(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)

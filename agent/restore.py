@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.backup import check_key
+from agent.progress import ProgressReporter
 from agent.repo import RepoClient
 from agent.tree import (
     BLOCKDEV,
@@ -57,7 +58,6 @@ WINDOW_FILES = 128  # files touched per window (each holds an fd until finished)
 TREE_BATCH = 64  # tree blobs per download request
 BLOB_CACHE_BYTES = 16 * 1024 * 1024  # recently used plaintexts kept across windows
 MAX_IDLE_DIR_FDS = 64
-PROGRESS_INTERVAL = 0.5
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 Rel = tuple[bytes, ...]
@@ -180,7 +180,6 @@ class _Restore:
         self.target = Path(target)
         self.selected = [normalize_path(p) for p in paths]
         self.overwrite = overwrite
-        self.on_progress = on_progress
         self.workers = max(1, workers)
         self.clock = clock
         self.hasher = IdHasher(keys.id_key())
@@ -191,8 +190,8 @@ class _Restore:
         self.keyring: dict[bytes, SealingKey] = {}
         self.key_errors: dict[bytes, str] = {}
         self.result = RestoreResult()
-        self.p = common_pb2.Progress()
-        self._last_progress = -1e18
+        self.reporter = ProgressReporter(on_progress, clock)
+        self.p = self.reporter.p
         self.cache: OrderedDict[bytes, bytes] = OrderedDict()
         self.cache_bytes = 0
         # The plan, filled by stage 1.
@@ -208,14 +207,7 @@ class _Restore:
         self.p.errors = len(self.result.errors)
 
     def progress(self, force: bool = False) -> None:
-        if self.on_progress is None:
-            return
-        now = self.clock.monotonic()
-        if force or now - self._last_progress >= PROGRESS_INTERVAL:
-            self._last_progress = now
-            snap = common_pb2.Progress()
-            snap.CopyFrom(self.p)
-            self.on_progress(snap)
+        self.reporter.report(force)
 
     async def run_cpu(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)

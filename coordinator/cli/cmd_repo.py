@@ -12,6 +12,7 @@ from core import chunkid, errors
 from core.keys import create_key_file
 
 if TYPE_CHECKING:
+    from coordinator.cli.client import AdminClient
     from coordinator.cli.main import Context
 
 CHUNKERS = ("fastcdc-1m", "fastcdc-256k")
@@ -43,19 +44,22 @@ def setup(
     info.set_defaults(func=run_info)
 
 
+def _refuse_existing(client: AdminClient) -> None:
+    try:
+        existing = client.get_repository()
+    except (errors.RepositoryMissing, errors.NotFound):
+        return
+    raise errors.AlreadyExists(
+        f"the repository at {client.address} already exists (repo id {existing.repo_id})"
+    )
+
+
 def run_init(ctx: Context, args: argparse.Namespace) -> int:
     client = ctx.client()
     if ctx.settings.key_provider == "vault":
         return _init_with_vault(ctx, args)
     key_file = ctx.key_file()
-    try:
-        existing = client.get_repository()
-    except (errors.RepositoryMissing, errors.NotFound):
-        pass
-    else:
-        raise errors.AlreadyExists(
-            f"the repository at {client.address} already exists (repo id {existing.repo_id})"
-        )
+    _refuse_existing(client)
     key_check = create_key_file(key_file)
     try:
         cfg = client.init_repository(key_check, chunker=args.chunker, compression=args.compression)
@@ -85,14 +89,7 @@ def _init_with_vault(ctx: Context, args: argparse.Namespace) -> int:
     """Vault holds the id key (written once by `clawback vault setup`): only its check goes to the
     coordinator, computed through a single-use grant (the operator role cannot read the key)."""
     client = ctx.client()
-    try:
-        existing = client.get_repository()
-    except (errors.RepositoryMissing, errors.NotFound):
-        pass
-    else:
-        raise errors.AlreadyExists(
-            f"the repository at {client.address} already exists (repo id {existing.repo_id})"
-        )
+    _refuse_existing(client)
     key_check = chunkid.key_check(ctx.key_provider().id_key())
     cfg = client.init_repository(key_check, chunker=args.chunker, compression=args.compression)
     if ctx.out.json_mode:
