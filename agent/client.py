@@ -1,26 +1,115 @@
-"""The agent's side of protocol v1 blob traffic: RepoClient over gRPC."""
+"""The agent's side of protocol v1: mTLS channels from a CertSource, and RepoClient (blob traffic) over gRPC."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from typing import Any, cast
 
 import grpc
 
 from agent.repo import Blob, UploadStats
 from core import errors
+from core.certs import CertSource, FileCertSource
 from core.format import MAX_IDS_PER_QUERY
-from core.tls import TlsFiles, channel_credentials
+from core.tls import TlsFiles
 from core.wire import CHANNEL_OPTIONS, error_from_rpc, pack_ids, read_bitmap
 from protos.clawback.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 
 UPLOAD_QUEUE = 4  # messages in flight per upload stream: back-pressure on the sealers
 
 
-def open_channel(address: str, tls: TlsFiles) -> grpc.aio.Channel:
-    return grpc.aio.secure_channel(address, channel_credentials(tls), options=CHANNEL_OPTIONS)
+log = logging.getLogger("clawback.agent")
+
+
+def open_channel(address: str, tls: TlsFiles | CertSource) -> grpc.aio.Channel:
+    """A channel with the source's current certificate (fixed for the channel's life)."""
+    source = FileCertSource(tls) if isinstance(tls, TlsFiles) else tls
+    ca, cert, key = source.current()
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=ca, private_key=key, certificate_chain=cert
+    )
+    # A private subchannel pool: a channel made after a renewal never reuses a connection
+    # that was made with the previous certificate.
+    options = [*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
+    return grpc.aio.secure_channel(address, creds, options=options)
+
+
+@dataclass
+class _Pooled:
+    channel: grpc.aio.Channel
+    generation: int
+    users: int = 0
+
+
+class ChannelPool:
+    """Channels to the coordinator that follow certificate renewals without cutting anything.
+
+    A channel's credentials are fixed when it is made, and TLS checks them only
+    at the handshake, so a running stream outlives the certificate it started
+    with. `lease()` hands out the channel of the current certificate generation,
+    making a new one after a renewal; a channel of an older generation is closed
+    when its last lease ends (the control stream, a running job's uploads).
+    """
+
+    def __init__(self, address: str, source: CertSource) -> None:
+        self.address = address
+        self.source = source
+        self._current: _Pooled | None = None
+        self._old: list[_Pooled] = []
+
+    def _acquire(self) -> _Pooled:
+        generation = self.source.generation
+        cur = self._current
+        if cur is None or cur.generation != generation:
+            fresh = _Pooled(open_channel(self.address, self.source), generation)
+            if cur is not None:
+                log.info(
+                    "new connections to %s use certificate generation %d",
+                    self.address,
+                    generation,
+                )
+                self._old.append(cur)
+            self._current = cur = fresh
+        cur.users += 1
+        return cur
+
+    async def _release(self, entry: _Pooled) -> None:
+        entry.users -= 1
+        if entry is not self._current and entry.users <= 0 and entry in self._old:
+            self._old.remove(entry)
+            await entry.channel.close(grace=None)
+
+    @contextlib.asynccontextmanager
+    async def lease(self) -> AsyncIterator[grpc.aio.Channel]:
+        """The current channel, held until the block ends; raises Unavailable if there is no certificate yet."""
+        entry = self._acquire()
+        try:
+            yield entry.channel
+        finally:
+            await self._release(entry)
+
+    async def reset(self) -> None:
+        """Retire the current channel (after its control stream broke): the next lease dials afresh
+        instead of waiting out the old channel's reconnect backoff."""
+        cur, self._current = self._current, None
+        if cur is not None:
+            self._old.append(cur)
+            cur.users += 1
+            await self._release(cur)
+
+    @property
+    def open_channels(self) -> int:
+        return len(self._old) + (self._current is not None)
+
+    async def close(self) -> None:
+        entries = [*self._old, *([self._current] if self._current else [])]
+        self._old, self._current = [], None
+        for e in entries:
+            await e.channel.close(grace=None)
 
 
 class _Upload:

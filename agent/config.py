@@ -1,4 +1,4 @@
-"""The agent's TOML config: where the coordinator is, its TLS files, its key provider and its sources."""
+"""The agent's TOML config: where the coordinator is, where its certificate comes from, its key provider and its sources."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core import config as cfgio
+from core.certs import CertSettings, load_cert_settings
+from core.errors import UsageError
 from core.tls import TlsFiles
 from core.vault import VaultSettings, load_vault_settings
 
@@ -28,7 +30,7 @@ class AgentConfig:
     file: str
     state_dir: Path
     coordinator: str
-    tls: TlsFiles
+    certs: CertSettings
     key_provider: str
     key_file: Path | None
     sources: tuple[SourceConfig, ...]
@@ -36,6 +38,14 @@ class AgentConfig:
     workers: int = 2
     log_level: str = "info"
     heartbeat_s: float = 10.0
+    name: str = ""  # [agent] name: the CN of its Vault certificate
+
+    @property
+    def tls(self) -> TlsFiles:
+        """The certificate files (source = "files")."""
+        if self.certs.files is None:
+            raise UsageError(f'{self.file}: [tls] source = "vault" has no certificate files')
+        return self.certs.files
 
     def source(self, name: str) -> SourceConfig | None:
         return next((s for s in self.sources if s.name == name), None)
@@ -45,6 +55,11 @@ def load_config(path: str | Path) -> AgentConfig:
     """Parse and validate an agent config; every error names the file, the key and the reason."""
     root = cfgio.load(path)
     agent = root.table("agent")
+    agent_name = agent.str("name", "")
+    if agent_name and not _NAME.match(agent_name):
+        raise agent.error(
+            "name", f"{agent_name!r} is not a valid agent name (letters, digits, _ . -)"
+        )
     state_dir = agent.path("state_dir", "/var/lib/clawback-agent")
     log_level = agent.str("log_level", "info", choices=("debug", "info", "warning", "error"))
     agent.done()
@@ -55,15 +70,18 @@ def load_config(path: str | Path) -> AgentConfig:
         raise coord.error("address", f"must be HOST:PORT, not {address!r}")
     coord.done()
 
-    tls = root.table("tls", required=True)
-    tls_files = TlsFiles(tls.path("ca"), tls.path("cert"), tls.path("key"))
-    tls.done()
+    certs = load_cert_settings(root.table("tls", required=True))
+    if certs.source == "vault" and not agent_name:
+        raise agent.error(
+            "name", 'is required with [tls] source = "vault": the certificate\'s name'
+        )
 
     keys = root.table("keys", required=True)
     provider = keys.str("provider", "vault", choices=("vault", "file"))
     key_file = keys.path("file") if provider == "file" else None
     keys.done()
-    vault = load_vault_settings(root.table("vault", required=True)) if provider == "vault" else None
+    needs_vault = provider == "vault" or certs.source == "vault"
+    vault = load_vault_settings(root.table("vault", required=True)) if needs_vault else None
 
     perf = root.table("performance")
     workers = perf.int("workers", 2, min=1, max=64)
@@ -95,11 +113,12 @@ def load_config(path: str | Path) -> AgentConfig:
         file=str(path),
         state_dir=state_dir,
         coordinator=address,
-        tls=tls_files,
+        certs=certs,
         key_provider=provider,
         key_file=key_file,
         sources=tuple(sources),
         vault=vault,
         workers=workers,
         log_level=log_level,
+        name=agent_name,
     )

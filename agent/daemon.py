@@ -13,10 +13,11 @@ from typing import Any
 import grpc
 
 from agent.backup import run_backup
-from agent.client import GrpcRepoClient, open_channel
+from agent.client import ChannelPool, GrpcRepoClient
 from agent.config import AgentConfig
 from agent.restore import run_restore
 from core import PROTOCOL_VERSION, __version__, errors, systemd
+from core.certs import CertSource, FileCertSource
 from core.chunkid import key_check
 from core.clock import SYSTEM, Clock
 from core.format import RepoConfig
@@ -65,11 +66,26 @@ class Session:
 
 
 class AgentDaemon:
-    def __init__(self, config: AgentConfig, keys: KeyProvider, clock: Clock = SYSTEM) -> None:
+    """The node daemon. Certificates come from `certs` (default: the config's files).
+
+    Hot reload (design.md §Identity): the control stream and each job lease a
+    channel from a ChannelPool; after a certificate renewal, new leases get a
+    channel with the new certificate while running streams keep their connection.
+    """
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        keys: KeyProvider,
+        clock: Clock = SYSTEM,
+        certs: CertSource | None = None,
+    ) -> None:
         self.config = config
         self.keys = keys
         self.clock = clock
         self.hostname = socket.gethostname()
+        self.certs = certs if certs is not None else FileCertSource(config.tls)
+        self.channels = ChannelPool(config.coordinator, self.certs)
 
     async def run(self) -> None:
         """Serve until cancelled; reconnect with jittered exponential backoff."""
@@ -90,67 +106,70 @@ class AgentDaemon:
             backoff = min(backoff * 2, BACKOFF_MAX_S)
 
     async def _connect_once(self) -> None:
-        channel = open_channel(self.config.coordinator, self.config.tls)
         session = Session(asyncio.get_running_loop())
         try:
-            stub = agent_pb2_grpc.AgentServiceStub(channel)
-            repo = GrpcRepoClient(channel)
-            hello = agent_pb2.Hello(
-                protocol_version=PROTOCOL_VERSION,
-                agent_version=__version__,
-                capabilities=CAPABILITIES,
-                sources=[
-                    common_pb2.SourceSpec(
-                        name=s.name,
-                        kind=common_pb2.SOURCE_KIND_VOLUME,
-                        path=str(s.path),
-                        driver=s.driver,
-                    )
-                    for s in self.config.sources
-                ],
-                hostname=self.hostname,
-                key_check=key_check(self.keys.id_key()),
-            )
-
-            async def requests() -> AsyncIterator[agent_pb2.AgentMessage]:
-                yield agent_pb2.AgentMessage(hello=hello)
-                while True:
-                    yield await session.outgoing.get()
-
-            call = stub.Control(requests())
-            try:
-                first = await call.read()
-                if first is grpc.aio.EOF or not first.HasField("welcome"):
-                    raise errors.TransportError(
-                        "coordinator closed the control stream without a Welcome"
-                    )
-                welcome = first.welcome
-                repo_cfg = repo_config_from_wire(welcome.repo)
-                log.info(
-                    "registered as %s with coordinator %s (repository %s, capabilities %s)",
-                    welcome.agent,
-                    self.config.coordinator,
-                    repo_cfg.repo_id,
-                    ",".join(welcome.capabilities),
-                )
-                systemd.notify(f"STATUS=connected to {self.config.coordinator} as {welcome.agent}")
-                heartbeat = asyncio.create_task(
-                    self._heartbeats(session, welcome.heartbeat_interval_s or 10)
-                )
-                try:
-                    while (msg := await call.read()) is not grpc.aio.EOF:
-                        if msg.HasField("command"):
-                            self._dispatch(session, repo, repo_cfg, welcome.agent, msg.command)
-                finally:
-                    heartbeat.cancel()
-                raise errors.TransportError("coordinator ended the control stream")
-            except grpc.RpcError as exc:
-                raise error_from_rpc(exc, "control stream") from exc
+            async with self.channels.lease() as channel:
+                await self._control(session, channel)
         finally:
             for task in session.jobs.values():
                 task.cancel()
             await asyncio.gather(*session.jobs.values(), return_exceptions=True)
-            await channel.close(grace=None)
+            await self.channels.reset()
+
+    async def _control(self, session: Session, channel: grpc.aio.Channel) -> None:
+        """One control stream on `channel` until it ends (design.md §Control stream)."""
+        stub = agent_pb2_grpc.AgentServiceStub(channel)
+        hello = agent_pb2.Hello(
+            protocol_version=PROTOCOL_VERSION,
+            agent_version=__version__,
+            capabilities=CAPABILITIES,
+            sources=[
+                common_pb2.SourceSpec(
+                    name=s.name,
+                    kind=common_pb2.SOURCE_KIND_VOLUME,
+                    path=str(s.path),
+                    driver=s.driver,
+                )
+                for s in self.config.sources
+            ],
+            hostname=self.hostname,
+            key_check=key_check(self.keys.id_key()),
+        )
+
+        async def requests() -> AsyncIterator[agent_pb2.AgentMessage]:
+            yield agent_pb2.AgentMessage(hello=hello)
+            while True:
+                yield await session.outgoing.get()
+
+        call = stub.Control(requests())
+        try:
+            first = await call.read()
+            if first is grpc.aio.EOF or not first.HasField("welcome"):
+                raise errors.TransportError(
+                    "coordinator closed the control stream without a Welcome"
+                )
+            welcome = first.welcome
+            repo_cfg = repo_config_from_wire(welcome.repo)
+            log.info(
+                "registered as %s with coordinator %s (repository %s, capabilities %s)",
+                welcome.agent,
+                self.config.coordinator,
+                repo_cfg.repo_id,
+                ",".join(welcome.capabilities),
+            )
+            systemd.notify(f"STATUS=connected to {self.config.coordinator} as {welcome.agent}")
+            heartbeat = asyncio.create_task(
+                self._heartbeats(session, welcome.heartbeat_interval_s or 10)
+            )
+            try:
+                while (msg := await call.read()) is not grpc.aio.EOF:
+                    if msg.HasField("command"):
+                        self._dispatch(session, repo_cfg, welcome.agent, msg.command)
+            finally:
+                heartbeat.cancel()
+            raise errors.TransportError("coordinator ended the control stream")
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, "control stream") from exc
 
     async def _heartbeats(self, session: Session, interval: float) -> None:
         while True:
@@ -166,7 +185,6 @@ class AgentDaemon:
     def _dispatch(
         self,
         session: Session,
-        repo: GrpcRepoClient,
         repo_cfg: RepoConfig,
         me: str,
         cmd: agent_pb2.Command,
@@ -186,15 +204,27 @@ class AgentDaemon:
             return
         if cmd.job_id in session.jobs:
             return  # a duplicate delivery
-        coro = (
-            self._backup(session, repo, repo_cfg, me, cmd)
-            if kind == "backup"
-            else self._restore(session, repo, repo_cfg, cmd)
-        )
-        task = asyncio.create_task(coro)
+        task = asyncio.create_task(self._job(session, repo_cfg, me, cmd))
         session.jobs[cmd.job_id] = task
         job_id = cmd.job_id
         task.add_done_callback(lambda _t: session.jobs.pop(job_id, None))
+
+    async def _job(
+        self, session: Session, repo_cfg: RepoConfig, me: str, cmd: agent_pb2.Command
+    ) -> None:
+        """Run one job on a channel of its own lease: the current certificate's (a new
+        connection after a renewal), kept until the job ends even if the certificate renews."""
+        try:
+            async with self.channels.lease() as channel:
+                repo = GrpcRepoClient(channel)
+                if cmd.WhichOneof("cmd") == "backup":
+                    await self._backup(session, repo, repo_cfg, me, cmd)
+                else:
+                    await self._restore(session, repo, repo_cfg, cmd)
+        except (
+            errors.ClawbackError
+        ) as exc:  # no certificate to dial with (the jobs report their own)
+            session.update(cmd.job_id, common_pb2.JOB_STATE_FAILED, error=str(exc))
 
     def _progress_sink(self, session: Session, job_id: str) -> Any:
         last = [0.0]

@@ -11,6 +11,7 @@ import sys
 from agent.config import AgentConfig, load_config
 from agent.daemon import AgentDaemon
 from core import __version__, errors, systemd
+from core.certs import CertSource, source_from_settings
 from core.keys import FileKeyProvider, KeyProvider
 from core.vault import VaultClient
 from core.vaultkeys import VaultKeyProvider
@@ -18,18 +19,33 @@ from core.vaultkeys import VaultKeyProvider
 log = logging.getLogger("clawback.agent")
 
 
-def make_key_provider(config: AgentConfig) -> KeyProvider:
+def vault_client(config: AgentConfig) -> VaultClient | None:
+    """The agent's Vault session (keys and certificates share it); logged in now so bad
+    credentials fail at start."""
+    if config.vault is None:
+        return None
+    client = VaultClient(config.vault)
+    try:
+        client.login()
+    except errors.Unavailable as exc:
+        # Not fatal: every Vault call logs in first, so service resumes when Vault returns.
+        log.warning("%s; will log in when Vault is back", exc)
+    return client
+
+
+def make_cert_source(config: AgentConfig, client: VaultClient | None) -> CertSource:
+    """The agent's certificate: its files, or one for `[agent] name` from Vault PKI, renewed."""
+    return source_from_settings(config.certs, "agent", config.name, client, config.vault)
+
+
+def make_key_provider(config: AgentConfig, client: VaultClient | None = None) -> KeyProvider:
     """The configured key provider; with Vault, log in now so bad credentials fail at start."""
     if config.key_provider == "file" and config.key_file is not None:
         log.warning("development file key provider (%s): not for production", config.key_file)
         return FileKeyProvider(config.key_file)
     if config.key_provider == "vault" and config.vault is not None:
-        client = VaultClient(config.vault)
-        try:
-            client.login()
-        except errors.Unavailable as exc:
-            # Not fatal: every Vault call logs in first, so service resumes when Vault returns.
-            log.warning("%s; will log in when Vault is back", exc)
+        client = client if client is not None else vault_client(config)
+        assert client is not None
         return VaultKeyProvider(client, config.vault)
     raise errors.ConfigError(
         config.file, "keys.provider", f"unsupported provider {config.key_provider!r}"
@@ -62,9 +78,14 @@ def main(argv: list[str] | None = None) -> int:
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
             stream=sys.stderr,
         )
-        keys = make_key_provider(config)
+        client = vault_client(config)
+        keys = make_key_provider(config, client)
+        certs = make_cert_source(config, client)
         config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        asyncio.run(_serve(AgentDaemon(config, keys)))
+        try:
+            asyncio.run(_serve(AgentDaemon(config, keys, certs=certs)))
+        finally:
+            certs.close()
     except errors.ClawbackError as exc:
         print(f"clawback-agent: {exc}", file=sys.stderr)
         return int(exc.exit_code)

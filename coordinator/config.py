@@ -6,8 +6,11 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.certs import CertSettings, load_cert_settings
 from core.config import load
+from core.errors import UsageError
 from core.tls import TlsFiles
+from core.vault import VaultSettings, load_vault_settings
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -38,7 +41,15 @@ class CoordinatorConfig:
     log_level: str
     repository: RepositorySettings
     catalog: CatalogSettings
-    tls: TlsFiles
+    certs: CertSettings
+    vault: VaultSettings | None = None  # with [tls] source = "vault": the coordinator's AppRole
+
+    @property
+    def tls(self) -> TlsFiles:
+        """The certificate files (source = "files")."""
+        if self.certs.files is None:
+            raise UsageError(f'{self.file}: [tls] source = "vault" has no certificate files')
+        return self.certs.files
 
     @property
     def host(self) -> str:
@@ -97,9 +108,14 @@ def load_config(path: str | Path) -> CoordinatorConfig:
     )
     cat_t.done()
 
-    tls_t = root.table("tls", required=True)
-    tls = TlsFiles(ca=tls_t.path("ca"), cert=tls_t.path("cert"), key=tls_t.path("key"))
-    tls_t.done()
+    certs = load_cert_settings(
+        root.table("tls", required=True),
+        default_name="coordinator",
+        default_hosts=["localhost", "127.0.0.1"],
+    )
+    vault = None
+    if certs.source == "vault":
+        vault = load_vault_settings(root.table("vault", required=True))
 
     root.done()
     return CoordinatorConfig(
@@ -110,5 +126,6 @@ def load_config(path: str | Path) -> CoordinatorConfig:
         log_level=log_level,
         repository=repository,
         catalog=catalog,
-        tls=tls,
+        certs=certs,
+        vault=vault,
     )

@@ -14,6 +14,7 @@ from typing import Any
 from coordinator.config import CoordinatorConfig, load_config
 from coordinator.server import build_server, stop_server
 from core import errors, systemd
+from core.certs import CertSource, source_from_settings
 from core.clock import SYSTEM
 
 log = logging.getLogger("clawback.coordinator")
@@ -53,16 +54,33 @@ def open_store(config: CoordinatorConfig) -> Any:
     return BlobStore(backend, catalog, pack_size=config.repository.pack_size, clock=SYSTEM)
 
 
+def make_cert_source(config: CoordinatorConfig) -> CertSource:
+    """The coordinator's certificate: its files, or one from Vault PKI (AppRole of the
+    `coordinator` role, CN `[tls] name`, SANs `[tls] hosts`) renewed in the background."""
+    client = None
+    if config.vault is not None:
+        from core.vault import VaultClient
+
+        client = VaultClient(config.vault)
+        client.login()
+    source = source_from_settings(
+        config.certs, "coordinator", config.certs.name, client, config.vault
+    )
+    source.current()  # a server cannot start without one: fail now, naming Vault
+    return source
+
+
 async def serve(config: CoordinatorConfig) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    certs = await asyncio.to_thread(make_cert_source, config)
     store = await asyncio.to_thread(open_store, config)
     try:
         # Bind first: a second coordinator started by mistake must fail before it
         # touches the repository (recovery empties the staging area).
-        server = build_server(config, store, clock=SYSTEM)
+        server = build_server(config, store, clock=SYSTEM, certs=certs)
         stats = await asyncio.to_thread(store.recover)
         log.info(
             "recovery: %d staging files removed, %d packs, %d snapshots, %d keys indexed",
@@ -93,6 +111,7 @@ async def serve(config: CoordinatorConfig) -> int:
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        certs.close()
         close = getattr(store.catalog, "close", None)
         if close is not None:
             with contextlib.suppress(Exception):

@@ -16,6 +16,7 @@ from coordinator.config import CoordinatorConfig
 from coordinator.jobs import CAP_BACKUP_VOLUME, CAP_RESTORE, JobManager
 from coordinator.registry import AgentSession, Registry
 from core import chunker, compression, errors, format, tls, wire
+from core.certs import CertSource, FileCertSource
 from core.clock import SYSTEM, Clock
 from protos.clawback.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc, common_pb2
 
@@ -659,6 +660,33 @@ def _check_event(event: Any) -> admin_pb2.CheckEvent:
     )
 
 
+def server_credentials(source: CertSource) -> grpc.ServerCredentials:
+    """mTLS credentials that follow `source`: each new handshake asks the fetcher, which
+    hands gRPC the renewed certificate (and CA bundle) once per generation; connections
+    already open, and the streams on them, are not touched (design.md §Identity)."""
+
+    def config_of(material: tuple[bytes, bytes, bytes]) -> Any:
+        ca, cert, key = material
+        return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
+
+    served = [source.generation]
+    initial = config_of(source.current())
+
+    def fetch() -> Any:
+        generation = source.generation
+        if generation == served[0]:
+            return None
+        try:
+            material = source.current()
+        except errors.ClawbackError:
+            return None
+        served[0] = generation
+        log.info("serving certificate generation %d to new connections", generation)
+        return config_of(material)
+
+    return grpc.dynamic_ssl_server_credentials(initial, fetch, require_client_authentication=True)
+
+
 def build_server(
     config: CoordinatorConfig,
     store: Any,
@@ -666,11 +694,13 @@ def build_server(
     registry: Registry | None = None,
     jobs: JobManager | None = None,
     clock: Clock = SYSTEM,
+    certs: CertSource | None = None,
 ) -> grpc.aio.Server:
     """A grpc.aio server with both services on `config.listen` over mutual TLS (not started).
 
     The bound port (useful with port 0) is `server.clawback_port`; the job
     manager and registry are `server.clawback_jobs` / `server.clawback_registry`.
+    Certificates come from `certs` (default: the config's files): see `server_credentials`.
     Raises errors.Unavailable if the address cannot be bound.
     """
     registry = registry if registry is not None else Registry(clock)
@@ -683,7 +713,7 @@ def build_server(
     admin_pb2_grpc.add_AdminServiceServicer_to_server(
         AdminServicer(store, registry, jobs, clock), server
     )
-    creds = tls.server_credentials(config.tls)
+    creds = server_credentials(certs if certs is not None else FileCertSource(config.tls))
     try:
         port = server.add_secure_port(config.listen, creds)
     except RuntimeError:

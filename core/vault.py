@@ -29,6 +29,7 @@ import os
 import random
 import re
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -604,14 +605,26 @@ class VaultClient:
 
     # ---- PKI ---------------------------------------------------------------
     def sign_csr(
-        self, mount: str, role: str, csr_pem: str, common_name: str, ttl: str = "24h"
+        self,
+        mount: str,
+        role: str,
+        csr_pem: str,
+        common_name: str,
+        ttl: str = "24h",
+        *,
+        alt_names: Sequence[str] = (),
+        ip_sans: Sequence[str] = (),
     ) -> tuple[str, str]:
-        """Vault PKI signs a CSR (the private key never leaves the node): (cert_pem, ca_chain_pem)."""
-        resp = self.request(
-            "POST",
-            f"{mount}/sign/{role}",
-            {"csr": csr_pem, "common_name": common_name, "ttl": ttl},
-        )
+        """Vault PKI signs a CSR (the private key never leaves the node): (cert_pem, ca_chain_pem).
+
+        SANs are sent only when given: an agent's policy allows common_name, csr and ttl only.
+        """
+        body: dict[str, Any] = {"csr": csr_pem, "common_name": common_name, "ttl": ttl}
+        if alt_names:
+            body["alt_names"] = ",".join(alt_names)
+        if ip_sans:
+            body["ip_sans"] = ",".join(ip_sans)
+        resp = self.request("POST", f"{mount}/sign/{role}", body)
         data = resp.get("data") or {}
         chain = data.get("ca_chain") or [data.get("issuing_ca", "")]
         return str(data["certificate"]), "\n".join(c.strip() for c in chain if c) + "\n"

@@ -58,6 +58,9 @@ class DevCluster:
         workers: int = 2,
         vault: bool = False,
         vault_persistent: bool = False,
+        vault_certs: bool = False,
+        cert_ttl: str = "24h",
+        cli_cert_ttl: str = "1h",
     ) -> None:
         self.workdir = Path(workdir)
         self.agents = agents
@@ -75,7 +78,12 @@ class DevCluster:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         # With vault=True: an OpenBao dev server set up by `clawback vault setup`; agents log in
         # with AppRole, the CLI with an operator-policy token (in its environment, never argv).
-        self.use_vault = vault
+        self.use_vault = vault or vault_certs
+        # With vault_certs=True the coordinator, the agents and the CLI take short-lived
+        # certificates from Vault PKI (`[tls] source = "vault"`) instead of the file PKI.
+        self.vault_certs = vault_certs
+        self.cert_ttl = cert_ttl
+        self.cli_cert_ttl = cli_cert_ttl
         self.vault_persistent = vault_persistent  # raft storage: survives a restart (outage tests)
         self.vault: Any = None
         self.operator_token = ""
@@ -96,17 +104,18 @@ class DevCluster:
         """Where agent `name` reads its (response-wrapped, single-use) AppRole secret_id."""
         return self.workdir / "vault-secrets" / f"agent-{name}.secret_id"
 
-    def _refresh_secret_id(self, name: str) -> None:
+    def _refresh_secret_id(self, name: str, role: str | None = None) -> None:
         """A fresh wrapped secret_id before each start: a wrapped one logs in once."""
         from coordinator.cli.vaultsetup import approle_name, issue_secret_id
 
-        if self.vault is None or f"agent-{name}" not in self.vault.setup.files:
+        role = role or f"agent-{name}"
+        if self.vault is None or role not in self.vault.setup.files:
             return
         issue_secret_id(
             self.vault.operator_client,
             self.vault.settings,
-            approle_name(f"agent-{name}"),
-            self.vault_secret_id(name),
+            approle_name(role),
+            self.workdir / "vault-secrets" / f"{role}.secret_id",
             wrap_ttl="10m",
         )
 
@@ -148,20 +157,14 @@ pack_size_mib = {self.pack_size_mib}
 kind = "sqlite"
 path = {_toml_str(self.coord_dir / "catalog.db")}
 
-[tls]
-ca = {_toml_str(self.pki / "ca.pem")}
-cert = {_toml_str(self.pki / "coordinator.pem")}
-key = {_toml_str(self.pki / "coordinator.key")}
+{self._coordinator_tls()}
 """
         )
         self.cli_config.write_text(
             f"""[coordinator]
 address = {_toml_str(self.address)}
 
-[tls]
-ca = {_toml_str(self.pki / "ca.pem")}
-cert = {_toml_str(self.pki / f"admin-{self.admin}.pem")}
-key = {_toml_str(self.pki / f"admin-{self.admin}.key")}
+{self._cli_tls()}
 
 {self._cli_keys()}
 """
@@ -169,25 +172,77 @@ key = {_toml_str(self.pki / f"admin-{self.admin}.key")}
         for name, sources in self.agents.items():
             self.write_agent_config(name, sources)
 
+    def _vault_table(self, role: str) -> list[str]:
+        assert self.vault is not None
+        files = self.vault.setup.files.get(role)
+        return [
+            "[vault]",
+            f"address = {_toml_str(self.vault.settings.address)}",
+            'auth = "approle"',
+            f"role_id_file = {_toml_str(files.role_id_file if files else '/nonexistent')}",
+            f"secret_id_file = {_toml_str(self.workdir / 'vault-secrets' / f'{role}.secret_id')}",
+            "secret_id_wrapped = true",
+        ]
+
+    def _coordinator_tls(self) -> str:
+        if not self.vault_certs:
+            return "\n".join(
+                [
+                    "[tls]",
+                    f"ca = {_toml_str(self.pki / 'ca.pem')}",
+                    f"cert = {_toml_str(self.pki / 'coordinator.pem')}",
+                    f"key = {_toml_str(self.pki / 'coordinator.key')}",
+                ]
+            )
+        lines = [
+            "[tls]",
+            'source = "vault"',
+            f"ttl = {_toml_str(self.cert_ttl)}",
+            'hosts = ["localhost", "127.0.0.1"]',
+            "",
+            *self._vault_table("coordinator"),
+        ]
+        return "\n".join(lines)
+
+    def _cli_tls(self) -> str:
+        if not self.vault_certs:
+            return "\n".join(
+                [
+                    "[tls]",
+                    f"ca = {_toml_str(self.pki / 'ca.pem')}",
+                    f"cert = {_toml_str(self.pki / f'admin-{self.admin}.pem')}",
+                    f"key = {_toml_str(self.pki / f'admin-{self.admin}.key')}",
+                ]
+            )
+        return "\n".join(
+            [
+                "[tls]",
+                'source = "vault"',
+                f"name = {_toml_str(self.admin)}",
+                f"ttl = {_toml_str(self.cli_cert_ttl)}",
+            ]
+        )
+
     def _cli_keys(self) -> str:
         if self.use_vault:
             return '[keys]\nprovider = "vault"'
         return f'[keys]\nprovider = "file"\nfile = {_toml_str(self.key_file)}'
 
     def _agent_keys(self, name: str, key_file: Path | None) -> list[str]:
+        vault = [] if self.vault is None else ["", *self._vault_table(f"agent-{name}")]
         if not self.use_vault or key_file is not None or self.vault is None:
-            return ["[keys]", 'provider = "file"', f"file = {_toml_str(key_file or self.key_file)}"]
-        files = self.vault.setup.files.get(f"agent-{name}")
+            keys = ["[keys]", 'provider = "file"', f"file = {_toml_str(key_file or self.key_file)}"]
+            return keys + (vault if self.vault_certs else [])
+        return ["[keys]", 'provider = "vault"', *vault]
+
+    def _agent_tls(self, cert: str) -> list[str]:
+        if self.vault_certs:
+            return ["[tls]", 'source = "vault"', f"ttl = {_toml_str(self.cert_ttl)}"]
         return [
-            "[keys]",
-            'provider = "vault"',
-            "",
-            "[vault]",
-            f"address = {_toml_str(self.vault.settings.address)}",
-            'auth = "approle"',
-            f"role_id_file = {_toml_str(files.role_id_file if files else '/nonexistent')}",
-            f"secret_id_file = {_toml_str(self.vault_secret_id(name))}",
-            "secret_id_wrapped = true",
+            "[tls]",
+            f"ca = {_toml_str(self.pki / 'ca.pem')}",
+            f"cert = {_toml_str(self.pki / f'agent-{cert}.pem')}",
+            f"key = {_toml_str(self.pki / f'agent-{cert}.key')}",
         ]
 
     def write_agent_config(
@@ -200,16 +255,14 @@ key = {_toml_str(self.pki / f"admin-{self.admin}.key")}
         cert = cert_name or name
         lines = [
             "[agent]",
+            *([f"name = {_toml_str(cert)}"] if self.vault_certs else []),
             f"state_dir = {_toml_str(self.workdir / 'agents' / name)}",
             f"log_level = {_toml_str(self.log_level)}",
             "",
             "[coordinator]",
             f"address = {_toml_str(self.address)}",
             "",
-            "[tls]",
-            f"ca = {_toml_str(self.pki / 'ca.pem')}",
-            f"cert = {_toml_str(self.pki / f'agent-{cert}.pem')}",
-            f"key = {_toml_str(self.pki / f'agent-{cert}.key')}",
+            *self._agent_tls(cert),
             "",
             *self._agent_keys(name, key_file),
             "",
@@ -251,6 +304,8 @@ key = {_toml_str(self.pki / f"admin-{self.admin}.key")}
             return "(no log)"
 
     def start_coordinator(self, timeout: float = 30.0) -> None:
+        if self.vault_certs:
+            self._refresh_secret_id("coordinator", "coordinator")
         log_path = self.logs / "coordinator.log"
         start_size = log_path.stat().st_size if log_path.exists() else 0
         proc = self._spawn(

@@ -13,8 +13,9 @@ from typing import Any, Generic, TypeVar
 import grpc
 
 from core import errors
+from core.certs import CertSource, FileCertSource
 from core.format import ID_SIZE, MAX_IDS_PER_QUERY
-from core.tls import TlsFiles, channel_credentials
+from core.tls import TlsFiles
 from core.wire import CHANNEL_OPTIONS, error_from_rpc
 from protos.clawback.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, common_pb2
 
@@ -48,7 +49,7 @@ class AdminClient:
     def __init__(
         self,
         address: str,
-        tls: TlsFiles,
+        tls: TlsFiles | CertSource,
         *,
         timeout: float = DEFAULT_TIMEOUT,
         channel: grpc.Channel | None = None,
@@ -56,9 +57,12 @@ class AdminClient:
         self.address = address
         self.timeout = timeout
         if channel is None:
-            channel = grpc.secure_channel(
-                address, channel_credentials(tls), options=CHANNEL_OPTIONS
+            source = FileCertSource(tls) if isinstance(tls, TlsFiles) else tls
+            ca, cert, key = source.current()
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=ca, private_key=key, certificate_chain=cert
             )
+            channel = grpc.secure_channel(address, creds, options=CHANNEL_OPTIONS)
         self._channel = channel
         self._stub = admin_pb2_grpc.AdminServiceStub(channel)
 

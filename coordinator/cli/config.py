@@ -7,6 +7,12 @@
     ca = "ca.pem"
     cert = "admin-admin.pem"
     key = "admin-admin.key"
+    # or, from Vault PKI at each start, signed with the operator's own Vault token
+    # ($VAULT_TOKEN or ~/.vault-token, $VAULT_ADDR), kept in memory only:
+    # source = "vault"
+    # name = "operator"             # the certificate's CN
+    # ttl = "1h"
+    # ca = "ca.pem"                 # optional: trusted besides the Vault CA
 
     [keys]
     provider = "file"               # the development file provider (v1)
@@ -24,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core import config as core_config
+from core.certs import SOURCES, duration_seconds
 from core.errors import ConfigError, UsageError
 from core.tls import TlsFiles
 
@@ -42,6 +49,9 @@ class CliConfig:
     key: Path | None = None
     key_provider: str = "file"
     key_file: Path | None = None
+    tls_source: str = "files"  # or "vault": an admin certificate from Vault PKI per run
+    tls_name: str = "operator"
+    cert_ttl: str = "1h"
 
     def tls(self) -> TlsFiles:
         """The admin's TLS files; UsageError naming what is missing."""
@@ -101,6 +111,20 @@ def load(path: str | Path) -> CliConfig:
             raise coord.error("address", str(exc)) from None
     coord.done()
     tls = root.table("tls")
+    tls_source = tls.str("source", "files", choices=SOURCES)
+    tls_name, cert_ttl = CliConfig.tls_name, CliConfig.cert_ttl
+    if tls_source == "vault":
+        for k in ("cert", "key"):
+            if tls.has(k):
+                raise tls.error(
+                    k, 'has no use with source = "vault": the admin key lives in memory'
+                )
+        tls_name = tls.str("name", tls_name)
+        cert_ttl = tls.str("ttl", cert_ttl)
+        try:
+            duration_seconds(cert_ttl)
+        except ValueError as exc:
+            raise tls.error("ttl", str(exc)) from None
     ca, cert, key = (_path(tls, n) for n in ("ca", "cert", "key"))
     tls.done()
     keys = root.table("keys")
@@ -116,6 +140,9 @@ def load(path: str | Path) -> CliConfig:
         key=key,
         key_provider=provider,
         key_file=key_file,
+        tls_source=tls_source,
+        tls_name=tls_name,
+        cert_ttl=cert_ttl,
     )
 
 

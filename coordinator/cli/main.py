@@ -31,9 +31,11 @@ from coordinator.cli import (
 from coordinator.cli.client import AdminClient
 from coordinator.cli.config import CliConfig, resolve
 from coordinator.cli.output import Output
+from core.certs import CertSource
 from core.clock import SYSTEM, Clock
 from core.errors import ClawbackError, ExitCode, UsageError
 from core.keys import FileKeyProvider, KeyProvider
+from core.tls import TlsFiles
 
 COMMANDS = (
     cmd_repo,
@@ -79,8 +81,31 @@ class Context:
     def client(self) -> AdminClient:
         if self._client is None:
             s = self.settings
-            self._client = AdminClient(s.coordinator(), s.tls(), timeout=self.args.timeout)
+            address = s.coordinator()
+            self._client = AdminClient(address, self.certificate(), timeout=self.args.timeout)
         return self._client
+
+    def certificate(self) -> TlsFiles | CertSource:
+        """The admin certificate: the configured files, or with `[tls] source = "vault"` a
+        short-lived one for `[tls] name` signed now with the operator's Vault token (the key
+        never leaves this process; nothing is written)."""
+        s = self.settings
+        if s.tls_source != "vault":
+            return s.tls()
+        from core.certs import VaultCertSource, read_extra_ca
+
+        client = self.vault_client()
+        source = VaultCertSource(
+            client,
+            client.settings,
+            "admin",
+            s.tls_name,
+            s.cert_ttl,
+            self.clock,
+            extra_ca=read_extra_ca(s.ca),
+        )
+        source.issue()  # no renewal: a CLI run is shorter than the certificate's life
+        return source
 
     def key_file(self) -> Path:
         path = self.settings.key_file

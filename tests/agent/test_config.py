@@ -71,3 +71,38 @@ def test_duplicate_source(tmp_path: Path) -> None:
     p = _write(tmp_path, GOOD + '[[source]]\nname = "uploads"\npath = "/x"\n')
     with pytest.raises(ConfigError, match=r"source\[1\]\.name: source 'uploads' is defined twice"):
         load_config(p)
+
+
+VAULT_TLS = """
+[agent]
+name = "node1"
+state_dir = "state"
+[coordinator]
+address = "127.0.0.1:7443"
+[tls]
+source = "vault"
+ttl = "8h"
+[keys]
+provider = "file"
+file = "/etc/clawback/repo.key"
+[vault]
+address = "http://127.0.0.1:8200"
+role_id_file = "role_id"
+secret_id_file = "secret_id"
+"""
+
+
+def test_certificates_from_vault(tmp_path: Path) -> None:
+    c = load_config(_write(tmp_path, VAULT_TLS))
+    assert (c.name, c.certs.source, c.certs.ttl, c.certs.files) == ("node1", "vault", "8h", None)
+    assert c.vault is not None and c.vault.role_id_file == tmp_path / "role_id"
+    for old, new, key, reason in [
+        ('name = "node1"\n', "", "agent.name", "is required"),
+        ('name = "node1"', 'name = "no/de"', "agent.name", "valid agent name"),
+        ('ttl = "8h"', 'ttl = "soon"', "tls.ttl", "duration"),
+        ('ttl = "8h"', 'cert = "a.pem"', "tls.cert", "in memory"),
+        ("[vault]", "[vaul]", "vault", "section is required"),
+    ]:
+        with pytest.raises(ConfigError) as exc:
+            load_config(_write(tmp_path, VAULT_TLS.replace(old, new, 1)))
+        assert exc.value.key == key and reason in exc.value.reason, exc.value

@@ -174,3 +174,22 @@ def test_unknown_keys(tmp_path: Path) -> None:
         "unknown key",
     )
     expect_error(tmp_path, '[coordinator]\ndata_dir = "d"\n[extra]\n' + TLS, "extra", "unknown key")
+
+
+def test_certificates_from_vault(tmp_path: Path) -> None:
+    vault = (
+        '[coordinator]\ndata_dir = "/d"\n[tls]\nsource = "vault"\nttl = "12h"\n'
+        '[vault]\naddress = "http://127.0.0.1:8200"\nrole_id_file = "r"\nsecret_id_file = "s"\n'
+    )
+    cfg = load_config(write(tmp_path, vault))
+    assert (cfg.certs.source, cfg.certs.ttl, cfg.certs.name) == ("vault", "12h", "coordinator")
+    assert cfg.certs.hosts == ("localhost", "127.0.0.1")
+    assert cfg.vault is not None and cfg.vault.secret_id_file == tmp_path / "s"
+    cfg = load_config(
+        write(tmp_path, vault.replace('ttl = "12h"', 'name = "c1"\nhosts = ["backup.example"]'))
+    )
+    assert (cfg.certs.name, cfg.certs.hosts, cfg.certs.ttl) == ("c1", ("backup.example",), "24h")
+    with pytest.raises(ConfigError, match="vault: section is required"):
+        load_config(write(tmp_path, vault.split("[vault]")[0]))
+    with pytest.raises(ConfigError, match=r"tls\.key: has no use"):
+        load_config(write(tmp_path, vault.replace('ttl = "12h"', 'key = "k.pem"')))

@@ -119,3 +119,17 @@ def test_parse_address(addr: str, parsed: tuple[str, int]) -> None:
 def test_parse_address_refuses(addr: str) -> None:
     with pytest.raises(ValueError):
         config.parse_address(addr)
+
+
+def test_admin_certificate_from_vault(tmp_path: Path) -> None:
+    cfg = config.load(_write(tmp_path, '[tls]\nsource = "vault"\nname = "alice"\nttl = "30m"\n'))
+    assert (cfg.tls_source, cfg.tls_name, cfg.cert_ttl, cfg.cert) == ("vault", "alice", "30m", None)
+    assert config.load(_write(tmp_path, '[tls]\nsource = "vault"\n')).tls_name == "operator"
+    for text, key in [
+        ('[tls]\nsource = "vault"\nkey = "k.pem"\n', "tls.key"),
+        ('[tls]\nsource = "vault"\nttl = "1 hour"\n', "tls.ttl"),
+        ('[tls]\nname = "alice"\n', "tls.name"),  # a name only means something with Vault
+    ]:
+        with pytest.raises(ConfigError) as exc:
+            config.load(_write(tmp_path, text))
+        assert exc.value.key == key, exc.value
