@@ -16,7 +16,7 @@ from agent.backup import run_backup
 from agent.client import ChannelPool, GrpcRepoClient
 from agent.config import AgentConfig
 from agent.restore import run_restore
-from core import PROTOCOL_VERSION, __version__, errors, systemd
+from core import PROTOCOL_VERSION, __version__, errors, systemd, wire
 from core.certs import CertSource, FileCertSource
 from core.chunkid import key_check
 from core.clock import SYSTEM, Clock
@@ -31,18 +31,6 @@ log = logging.getLogger("clawback.agent")
 CAPABILITIES = ("backup.volume.v1", "restore.v1")
 PROGRESS_EVERY_S = 0.5
 BACKOFF_MIN_S, BACKOFF_MAX_S = 0.5, 30.0
-
-
-def repo_config_from_wire(msg: common_pb2.RepoConfig) -> RepoConfig:
-    return RepoConfig(
-        repo_id=msg.repo_id,
-        chunker=msg.chunker,
-        compression=msg.compression,
-        cipher=msg.cipher,
-        id_algorithm=msg.id_algorithm,
-        key_check=msg.key_check.hex(),
-        version=msg.version,
-    )
 
 
 class Session:
@@ -149,7 +137,7 @@ class AgentDaemon:
                     "coordinator closed the control stream without a Welcome"
                 )
             welcome = first.welcome
-            repo_cfg = repo_config_from_wire(welcome.repo)
+            repo_cfg = wire.repo_config_from_wire(welcome.repo)
             log.info(
                 "registered as %s with coordinator %s (repository %s, capabilities %s)",
                 welcome.agent,

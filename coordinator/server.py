@@ -75,25 +75,6 @@ def _guarded_stream(fn: G) -> G:
     return wrapper  # type: ignore[return-value]
 
 
-def repo_config_pb(cfg: format.RepoConfig) -> common_pb2.RepoConfig:
-    """The repository config as sent in Welcome and by GetRepository."""
-    p = chunker.params(cfg.chunker)
-    return common_pb2.RepoConfig(
-        version=cfg.version,
-        repo_id=cfg.repo_id,
-        chunker=cfg.chunker,
-        chunk_min=p.min_size,
-        chunk_avg=p.avg_size,
-        chunk_max=p.max_size,
-        id_algorithm=cfg.id_algorithm,
-        compression=cfg.compression,
-        cipher=cfg.cipher,
-        key_check=bytes.fromhex(cfg.key_check),
-        max_blob_size=format.MAX_BLOB_SIZE,
-        max_message_size=format.MAX_MESSAGE_SIZE,
-    )
-
-
 async def _repo_config(store: Any) -> format.RepoConfig:
     try:
         cfg: format.RepoConfig = await asyncio.to_thread(store.config)
@@ -251,7 +232,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                     agent=name,
                     protocol_version=PROTOCOL_VERSION,
                     capabilities=sorted(session.capabilities),
-                    repo=repo_config_pb(cfg),
+                    repo=wire.repo_config_to_wire(cfg),
                     heartbeat_interval_s=self._heartbeat,
                     coordinator_version=COORDINATOR_VERSION,
                 )
@@ -474,14 +455,14 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         )
         cfg = await asyncio.to_thread(self._store.init_repository, cfg) or cfg
         log.info("repository %s initialised by %s", cfg.repo_id, who)
-        return repo_config_pb(cfg)
+        return wire.repo_config_to_wire(cfg)
 
     @_guarded
     async def GetRepository(
         self, request: admin_pb2.GetRepositoryRequest, context: grpc.aio.ServicerContext
     ) -> common_pb2.RepoConfig:
         self._auth.admin(context)
-        return repo_config_pb(await _repo_config(self._store))
+        return wire.repo_config_to_wire(await _repo_config(self._store))
 
     def _agent_info(self, info: admin_pb2.AgentInfo) -> admin_pb2.AgentInfo:
         session = self._registry.get(info.name)

@@ -6,8 +6,9 @@ from collections.abc import Iterable, Sequence
 
 import grpc
 
-from core import errors
+from core import chunker, errors, format
 from core.format import ID_SIZE, MAX_IDS_PER_QUERY, MAX_MESSAGE_SIZE
+from protos.clawback.v1 import common_pb2
 
 # Keepalives let a dialling agent notice a dead link within ~30 s even when idle.
 CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
@@ -125,3 +126,35 @@ def error_from_rpc(exc: grpc.RpcError, what: str = "") -> errors.ClawbackError:
     if cls is errors.ConfigError:
         cls = errors.UsageError
     return cls(msg)
+
+
+def repo_config_to_wire(cfg: format.RepoConfig) -> common_pb2.RepoConfig:
+    """The repository config as sent in Welcome and by GetRepository."""
+    p = chunker.params(cfg.chunker)
+    return common_pb2.RepoConfig(
+        version=cfg.version,
+        repo_id=cfg.repo_id,
+        chunker=cfg.chunker,
+        chunk_min=p.min_size,
+        chunk_avg=p.avg_size,
+        chunk_max=p.max_size,
+        id_algorithm=cfg.id_algorithm,
+        compression=cfg.compression,
+        cipher=cfg.cipher,
+        key_check=bytes.fromhex(cfg.key_check),
+        max_blob_size=format.MAX_BLOB_SIZE,
+        max_message_size=format.MAX_MESSAGE_SIZE,
+    )
+
+
+def repo_config_from_wire(msg: common_pb2.RepoConfig) -> format.RepoConfig:
+    """The agent's view of the repository config from a Welcome."""
+    return format.RepoConfig(
+        repo_id=msg.repo_id,
+        chunker=msg.chunker,
+        compression=msg.compression,
+        cipher=msg.cipher,
+        id_algorithm=msg.id_algorithm,
+        key_check=msg.key_check.hex(),
+        version=msg.version,
+    )
