@@ -29,7 +29,6 @@ from protos.clawback.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 log = logging.getLogger("clawback.agent")
 
 CAPABILITIES = ("backup.volume.v1", "restore.v1")
-PROGRESS_EVERY_S = 0.5
 BACKOFF_MIN_S, BACKOFF_MAX_S = 0.5, 30.0
 
 
@@ -202,26 +201,29 @@ class AgentDaemon:
     ) -> None:
         """Run one job on a channel of its own lease: the current certificate's (a new
         connection after a renewal), kept until the job ends even if the certificate renews."""
+        kind, job_id = cmd.WhichOneof("cmd"), cmd.job_id
         try:
             async with self.channels.lease() as channel:
                 repo = GrpcRepoClient(channel)
-                if cmd.WhichOneof("cmd") == "backup":
+                if kind == "backup":
                     await self._backup(session, repo, repo_cfg, me, cmd)
                 else:
                     await self._restore(session, repo, repo_cfg, cmd)
-        except (
-            errors.ClawbackError
-        ) as exc:  # no certificate to dial with (the jobs report their own)
-            session.update(cmd.job_id, common_pb2.JOB_STATE_FAILED, error=str(exc))
+        except asyncio.CancelledError:
+            session.update(job_id, common_pb2.JOB_STATE_CANCELLED, error="cancelled")
+            raise
+        except errors.ClawbackError as exc:
+            log.error("job %s: %s failed: %s", job_id, kind, exc)
+            session.update(job_id, common_pb2.JOB_STATE_FAILED, error=str(exc))
+        except Exception as exc:  # a bug: report it rather than die silently
+            log.exception("job %s: %s crashed", job_id, kind)
+            session.update(job_id, common_pb2.JOB_STATE_FAILED, error=f"internal error: {exc!r}")
 
     def _progress_sink(self, session: Session, job_id: str) -> Any:
-        last = [0.0]
+        """Progress as JobUpdates (the pipelines throttle: agent/progress.py)."""
 
         def on_progress(p: common_pb2.Progress) -> None:
-            now = self.clock.monotonic()
-            if now - last[0] >= PROGRESS_EVERY_S:
-                last[0] = now
-                session.update(job_id, common_pb2.JOB_STATE_RUNNING, progress=p)
+            session.update(job_id, common_pb2.JOB_STATE_RUNNING, progress=p)
 
         return on_progress
 
@@ -242,36 +244,24 @@ class AgentDaemon:
             return
         session.update(job_id, common_pb2.JOB_STATE_RUNNING)
         log.info("job %s: backing up source %s (%s)", job_id, src.name, src.path)
-        try:
-            if not src.path.is_dir():
-                raise errors.NotFound(f"source {src.name}: {src.path} is not a directory")
-            result = await run_backup(
-                repo,
-                self.keys,
-                repo_cfg,
-                src.path,
-                agent=me,
-                source=src.name,
-                job_id=job_id,
-                cache_dir=self.config.state_dir / "cache",
-                parent=b.parent,
-                tags=list(b.tags),
-                hostname=self.hostname,
-                on_progress=self._progress_sink(session, job_id),
-                workers=self.config.workers,
-                clock=self.clock,
-            )
-        except asyncio.CancelledError:
-            session.update(job_id, common_pb2.JOB_STATE_CANCELLED, error="cancelled")
-            raise
-        except errors.ClawbackError as exc:
-            log.error("job %s: backup failed: %s", job_id, exc)
-            session.update(job_id, common_pb2.JOB_STATE_FAILED, error=str(exc))
-            return
-        except Exception as exc:  # a bug: report it rather than die silently
-            log.exception("job %s: backup crashed", job_id)
-            session.update(job_id, common_pb2.JOB_STATE_FAILED, error=f"internal error: {exc!r}")
-            return
+        if not src.path.is_dir():
+            raise errors.NotFound(f"source {src.name}: {src.path} is not a directory")
+        result = await run_backup(
+            repo,
+            self.keys,
+            repo_cfg,
+            src.path,
+            agent=me,
+            source=src.name,
+            job_id=job_id,
+            cache_dir=self.config.state_dir / "cache",
+            parent=b.parent,
+            tags=list(b.tags),
+            hostname=self.hostname,
+            on_progress=self._progress_sink(session, job_id),
+            workers=self.config.workers,
+            clock=self.clock,
+        )
         state = common_pb2.JOB_STATE_PARTIAL if result.partial else common_pb2.JOB_STATE_SUCCEEDED
         log.info(
             "job %s: snapshot %s committed (%s)",
@@ -298,31 +288,19 @@ class AgentDaemon:
         job_id, r = cmd.job_id, cmd.restore
         session.update(job_id, common_pb2.JOB_STATE_RUNNING)
         log.info("job %s: restoring snapshot %s to %s", job_id, r.snapshot.id, r.target)
-        try:
-            keys = await self._restore_keys(r.grant)
-            result = await run_restore(
-                repo,
-                keys,
-                repo_cfg,
-                r.snapshot,
-                _target_path(r.target),
-                job_id=job_id,
-                paths=list(r.paths),
-                overwrite=r.overwrite,
-                on_progress=self._progress_sink(session, job_id),
-                workers=self.config.workers,
-            )
-        except asyncio.CancelledError:
-            session.update(job_id, common_pb2.JOB_STATE_CANCELLED, error="cancelled")
-            raise
-        except errors.ClawbackError as exc:
-            log.error("job %s: restore failed: %s", job_id, exc)
-            session.update(job_id, common_pb2.JOB_STATE_FAILED, error=str(exc))
-            return
-        except Exception as exc:
-            log.exception("job %s: restore crashed", job_id)
-            session.update(job_id, common_pb2.JOB_STATE_FAILED, error=f"internal error: {exc!r}")
-            return
+        keys = await self._restore_keys(r.grant)
+        result = await run_restore(
+            repo,
+            keys,
+            repo_cfg,
+            r.snapshot,
+            _target_path(r.target),
+            job_id=job_id,
+            paths=list(r.paths),
+            overwrite=r.overwrite,
+            on_progress=self._progress_sink(session, job_id),
+            workers=self.config.workers,
+        )
         progress = common_pb2.Progress(
             files_done=result.files,
             files_total=result.files,
