@@ -681,7 +681,7 @@ class _Backup:
         try:
             top = await self.run_cpu(self.walk)
             self.progress(force=True)
-            dk = keys.new_data_key()
+            dk = await asyncio.to_thread(keys.new_data_key)
             self.sealing = SealingKey(dk.key_id, dk.key)
             wrapped = common_pb2.WrappedKey(
                 key_id=dk.key_id, wrapped=dk.wrapped, provider=dk.provider
@@ -787,7 +787,9 @@ async def run_backup(
     files cache untouched). Entries that cannot be read are left out and
     reported in `warnings` (`partial` is then True).
     """
-    hasher = IdHasher(keys.id_key())
+    # Key providers are synchronous (Vault is HTTP): keep them off the event loop. The id
+    # key is cached by the provider, so _Backup's own id_key() call below is instant.
+    hasher = IdHasher(await asyncio.to_thread(keys.id_key))
     check_key(cfg, hasher)
     cache = await asyncio.to_thread(
         FilesCache.open, Path(cache_dir), source, cache_scope(cfg, hasher)

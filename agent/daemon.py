@@ -120,7 +120,7 @@ class AgentDaemon:
                 for s in self.config.sources
             ],
             hostname=self.hostname,
-            key_check=key_check(self.keys.id_key()),
+            key_check=key_check(await asyncio.to_thread(self.keys.id_key)),
         )
 
         async def requests() -> AsyncIterator[agent_pb2.AgentMessage]:

@@ -221,9 +221,8 @@ class _Restore:
         got = await self.repo.get_keys(self.job_id, want)
         for wk in got:
             try:
-                self.keyring[wk.key_id] = SealingKey(
-                    wk.key_id, self.keys.unwrap(wk.key_id, wk.wrapped)
-                )
+                plain = await asyncio.to_thread(self.keys.unwrap, wk.key_id, wk.wrapped)
+                self.keyring[wk.key_id] = SealingKey(wk.key_id, plain)
             except ClawbackError as exc:
                 self.key_errors[wk.key_id] = str(exc)
         for k in want:
@@ -860,7 +859,9 @@ async def run_restore(
     cannot be authenticated, and the RepoClient's errors. Entries that fail
     are listed in `errors`; everything else is restored.
     """
-    check_key(cfg, IdHasher(keys.id_key()))
+    # Key providers are synchronous (Vault is HTTP): keep them off the event loop; the id
+    # key is cached by the provider, so _Restore's own id_key() call is instant.
+    check_key(cfg, IdHasher(await asyncio.to_thread(keys.id_key)))
     r = _Restore(
         repo,
         keys,
