@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--file-keys",
         action="store_true",
-        help="use the development key file instead of Vault (OpenBao) for keys",
+        help="use a development CA and key file instead of Vault (OpenBao)",
     )
     args = ap.parse_args(argv)
 
@@ -57,12 +57,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"   note: {n}")
 
     cluster = DevCluster(
-        work / "cluster", {"node1": {"data": data}, "node2": {}}, vault=not args.file_keys
+        work / "cluster",
+        {"node1": {"data": data}, "node2": {}},
+        vault=not args.file_keys,
+        vault_certs=not args.file_keys,
     )
     t0 = time.monotonic()
     try:
-        keys = "a development key file" if args.file_keys else "Vault (an OpenBao server)"
-        step(f"starting a coordinator and two agents (mTLS on loopback; keys from {keys})")
+        keys = (
+            "a development CA and key file"
+            if args.file_keys
+            else "Vault (an OpenBao server): transit keys, KV id key, PKI certificates"
+        )
+        step(f"starting a coordinator and two agents (mTLS on loopback; {keys})")
         cluster.start()
         if cluster.vault is not None:
             print(
