@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 import os
 import socket
 import stat
@@ -59,9 +60,11 @@ DATA = common_pb2.BLOB_TYPE_DATA
 TREE = common_pb2.BLOB_TYPE_TREE
 
 MISSING_BATCH = min(4096, MAX_IDS_PER_QUERY)  # ids per MissingBlobs request
-READ_BUDGET = 8 * 1024 * 1024  # plaintext bytes a file task gathers before dedup/seal/upload
+READ_BUDGET = 4 * 1024 * 1024  # plaintext bytes a file task gathers before dedup/seal/upload
 SMALL_GROUP_FILES = 256  # small files handled per thread call
-UPLOAD_BATCH = 6 * 1024 * 1024  # envelope bytes per UploadStream.send
+UPLOAD_BATCH = (
+    2 * 1024 * 1024
+)  # envelope bytes per UploadStream.send (1-4 MiB: as fast, less memory)
 MAX_WARNINGS = 1000
 
 _O_NOATIME = getattr(os, "O_NOATIME", 0)
@@ -231,6 +234,17 @@ class _Backup:
         return os.open(path, flags)
 
     def walk(self) -> _Dir:
+        # The walk only allocates (no cycles to collect): the collector's passes over the
+        # growing tree would be pure overhead.
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return self._walk()
+        finally:
+            if enabled:
+                gc.enable()
+
+    def _walk(self) -> _Dir:
         try:
             st = os.lstat(self.root)
         except FileNotFoundError:

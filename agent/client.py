@@ -7,7 +7,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import grpc
 
@@ -19,10 +19,42 @@ from core.tls import TlsFiles
 from core.wire import CHANNEL_OPTIONS, error_from_rpc, pack_ids, read_bitmap
 from protos.clawback.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 
-UPLOAD_QUEUE = 4  # messages in flight per upload stream: back-pressure on the sealers
+UPLOAD_QUEUE = 2  # messages in flight per upload stream: back-pressure on the sealers
+UPLOAD_METHOD = "/clawback.v1.AgentService/UploadBlobs"
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def encode_upload(job_id: str, blobs: Sequence[Blob]) -> bytes:
+    """An UploadRequest in protobuf wire format, built with one copy of the envelopes instead
+    of a message object plus its serialization (the bytes parse as the same message)."""
+    parts: list[bytes] = []
+    if job_id:
+        jid = job_id.encode()
+        parts += (b"\x0a", _varint(len(jid)), jid)
+    for b in blobs:
+        env = b.envelope or b""
+        head = b"\x0a" + _varint(len(b.id)) + b.id
+        if b.type:
+            head += b"\x10" + _varint(b.type)
+        if env:
+            head += b"\x1a" + _varint(len(env))
+        parts += (b"\x12", _varint(len(head) + len(env)), head, env)
+    return b"".join(parts)
 
 
 log = logging.getLogger("clawback.agent")
+
+
+def _passthrough(msg: bytes) -> bytes:
+    return msg
 
 
 def open_channel(address: str, tls: TlsFiles | CertSource) -> grpc.aio.Channel:
@@ -115,31 +147,29 @@ class ChannelPool:
 class _Upload:
     """One client-streaming UploadBlobs call fed from a bounded queue."""
 
-    def __init__(self, stub: agent_pb2_grpc.AgentServiceStub, job_id: str) -> None:
-        self._queue: asyncio.Queue[list[agent_pb2.BlobData] | None] = asyncio.Queue(UPLOAD_QUEUE)
+    def __init__(self, channel: grpc.aio.Channel, job_id: str) -> None:
+        self._queue: asyncio.Queue[bytes | None] = asyncio.Queue(UPLOAD_QUEUE)
         self._job_id = job_id
-        self._call = stub.UploadBlobs(self._requests())
+        # Requests are encoded by encode_upload: the serializer passes the bytes through.
+        method = channel.stream_unary(
+            UPLOAD_METHOD,
+            request_serializer=_passthrough,
+            response_deserializer=agent_pb2.UploadResponse.FromString,
+        )
+        self._call = method(self._requests())
         self._result: asyncio.Task[Any] = asyncio.ensure_future(self._call)
 
-    async def _requests(self) -> AsyncIterator[agent_pb2.UploadRequest]:
-        first = True
-        while (batch := await self._queue.get()) is not None:
-            yield agent_pb2.UploadRequest(job_id=self._job_id if first else "", blobs=batch)
-            first = False
+    async def _requests(self) -> AsyncIterator[bytes]:
+        while (msg := await self._queue.get()) is not None:
+            yield msg
 
     async def _raise_if_failed(self) -> None:
         if self._result.done():
             await self._finish()  # raises the translated error
 
     async def send(self, blobs: Sequence[Blob]) -> None:
-        msg = [
-            agent_pb2.BlobData(
-                id=b.id,
-                type=cast(common_pb2.BlobType.ValueType, b.type),
-                envelope=b.envelope or b"",
-            )
-            for b in blobs
-        ]
+        msg = encode_upload(self._job_id, blobs)
+        self._job_id = ""  # the first message only
         await self._raise_if_failed()
         put = asyncio.ensure_future(self._queue.put(msg))
         done, _ = await asyncio.wait({put, self._result}, return_when=asyncio.FIRST_COMPLETED)
@@ -172,6 +202,7 @@ class GrpcRepoClient:
     """RepoClient (agent/repo.py) over an mTLS channel to the coordinator."""
 
     def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.channel = channel
         self.stub = agent_pb2_grpc.AgentServiceStub(channel)
 
     async def missing(self, ids: Sequence[bytes]) -> list[bool]:
@@ -188,7 +219,7 @@ class GrpcRepoClient:
         return out
 
     async def open_upload(self, job_id: str) -> _Upload:
-        return _Upload(self.stub, job_id)
+        return _Upload(self.channel, job_id)
 
     async def download(self, job_id: str, ids: Sequence[bytes]) -> AsyncIterator[Blob]:
         for i in range(0, len(ids), MAX_IDS_PER_QUERY):

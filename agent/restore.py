@@ -8,7 +8,7 @@ write outside it. Files are written under a temporary name and linked or
 renamed into place; directory metadata is set after their children.
 
 Stages: (1) trees, breadth first, in batches; (2) directories, symlinks,
-FIFOs, devices, empty files; (3) file content in windows of ~16 MiB of
+FIFOs, devices, empty files; (3) file content in windows of ~8 MiB of
 unique blobs (download, open + id re-check in threads, pwrite, sparse
 chunks skipped); (4) hard links; (5) directory metadata, deepest first.
 A blob that is missing or fails authentication fails only the files that
@@ -53,7 +53,7 @@ from protos.clawback.v1 import common_pb2, repo_pb2
 DATA = common_pb2.BLOB_TYPE_DATA
 TREE = common_pb2.BLOB_TYPE_TREE
 
-WINDOW_BYTES = 16 * 1024 * 1024  # unique plaintext fetched per content window
+WINDOW_BYTES = 8 * 1024 * 1024  # unique plaintext fetched per content window
 WINDOW_FILES = 128  # files touched per window (each holds an fd until finished)
 TREE_BATCH = 64  # tree blobs per download request
 BLOB_CACHE_BYTES = 16 * 1024 * 1024  # recently used plaintexts kept across windows
@@ -722,7 +722,8 @@ class _Restore:
                     await self._window(fds, win, restored)
 
             async with asyncio.TaskGroup() as tg:
-                for _ in range(self.workers):
+                # Two windows per thread: one downloads while the other is opened and written.
+                for _ in range(self.workers * 2):
                     tg.create_task(task())
         finally:
             for f in files:  # only after a failure: close what is still open

@@ -411,8 +411,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
 
 
 def _add_all(session: Any, blobs: Any) -> None:
-    for b in blobs:
-        session.add(b.id, b.type, b.envelope)
+    session.add_many([(b.id, b.type, b.envelope) for b in blobs])
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):

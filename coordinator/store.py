@@ -94,12 +94,26 @@ class UploadSession:
 
     def add(self, id: bytes, type: int, envelope: bytes) -> bool:
         """Add one blob; False if it is already stored (or already in this session)."""
-        with self._lock:
-            return self._add(id, type, envelope)
+        return self.add_many([(id, type, envelope)])[0]
 
-    def _add(self, id: bytes, type: int, envelope: bytes) -> bool:
-        if self._done:
-            raise UsageError("upload session is closed")
+    def add_many(self, blobs: Sequence[tuple[bytes, int, bytes]]) -> list[bool]:
+        """Add blobs in order with one catalog query for all of them; for each, False if it
+        was already stored (or already in this session, or earlier in `blobs`)."""
+        with self._lock:
+            if self._done:
+                raise UsageError("upload session is closed")
+            for id, type, envelope in blobs:
+                self._check(id, type, envelope)
+            ask = [b[0] for b in blobs if b[0] not in self._seen]
+            stored = (
+                {i for i, m in zip(ask, self._store.catalog.missing(ask), strict=True) if not m}
+                if ask
+                else set()
+            )
+            return [self._add(id, type, envelope, id in stored) for id, type, envelope in blobs]
+
+    @staticmethod
+    def _check(id: bytes, type: int, envelope: bytes) -> None:
         if len(id) != ID_SIZE:
             raise UsageError(f"blob id of {len(id)} bytes (ids are {ID_SIZE})")
         if type not in BLOB_TYPES:
@@ -109,7 +123,11 @@ class UploadSession:
                 f"blob {id.hex()[:16]}: envelope of {len(envelope)} bytes "
                 f"(allowed {MIN_ENVELOPE}..{MAX_BLOB_SIZE})"
             )
-        if id in self._seen or not self._store.catalog.missing([id])[0]:
+
+    def _add(self, id: bytes, type: int, envelope: bytes, stored: bool) -> bool:
+        if self._done:
+            raise UsageError("upload session is closed")
+        if stored or id in self._seen:
             self._duplicate += 1
             return False
         try:

@@ -67,18 +67,29 @@ class Chunker:
         valid for as long as the caller keeps it: every block is a fresh buffer.
         """
         remaining = size
-        carry = b""
+        carry: memoryview | None = None
         while True:
-            block = (
-                os.read(fd, min(self.read_size - len(carry), remaining)) if remaining > 0 else b""
-            )
-            remaining -= len(block)
-            data = carry + block if carry else block
-            if not data:
+            keep = len(carry) if carry is not None else 0
+            want = min(self.read_size - keep, remaining) if remaining > 0 else 0
+            # One buffer per block, filled in place: the carried tail, then the file's bytes.
+            buf = bytearray(keep + want)
+            view = memoryview(buf)
+            if carry is not None:
+                view[:keep] = carry
+                carry = None
+            got = 0
+            while got < want:
+                n = os.readv(fd, [view[keep + got :]])
+                if n == 0:
+                    break
+                got += n
+            remaining -= got
+            if got < want:
+                view = view[: keep + got]
+            if not len(view):
                 return
-            view = memoryview(data)
             cuts = self.cut(view)
-            if not block or remaining <= 0:
+            if not got or remaining <= 0:
                 for off, ln in cuts:
                     yield view[off : off + ln]
                 return
@@ -86,4 +97,4 @@ class Chunker:
             # boundary: hold it back and cut again with the next block.
             for off, ln in cuts[:-1]:
                 yield view[off : off + ln]
-            carry = bytes(view[cuts[-1][0] :])
+            carry = view[cuts[-1][0] :]

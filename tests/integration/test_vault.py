@@ -177,7 +177,7 @@ def test_vault_outage_and_token_revocation(cluster_factory, tmp_path: Path) -> N
 
     # A backup that already holds its data key finishes while Vault is down ...
     with open(src / "bulk.bin", "wb") as f:  # new data: long enough to still run when Vault stops
-        for _ in range(48):
+        for _ in range(128):
             f.write(os.urandom(4 * 1024 * 1024))
     job_id = json.loads(c.cli("backup", "--agent", "node1", json=True).stdout)[0]["id"]
     for _ in range(300):  # the data key is fetched before any file is read
