@@ -37,7 +37,6 @@ class AgentConfig:
     vault: VaultSettings | None = None
     workers: int = 2
     log_level: str = "info"
-    heartbeat_s: float = 10.0
     name: str = ""  # [agent] name: the CN of its Vault certificate
 
     @property
