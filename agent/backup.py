@@ -61,6 +61,9 @@ TREE = common_pb2.BLOB_TYPE_TREE
 
 MISSING_BATCH = min(4096, MAX_IDS_PER_QUERY)  # ids per MissingBlobs request
 READ_BUDGET = 4 * 1024 * 1024  # plaintext bytes a file task gathers before dedup/seal/upload
+# Plaintext bytes per sealing thread call: a batch is split over the workers.
+SEAL_PART = 1024 * 1024
+BIG_FILE_INFLIGHT = 3  # batches of one large file being stored while the next is read
 SMALL_GROUP_FILES = 256  # small files handled per thread call
 UPLOAD_BATCH = (
     2 * 1024 * 1024
@@ -339,13 +342,23 @@ class _Backup:
     # -- stage 2: files ------------------------------------------------------------
 
     def _units(self) -> Iterator[list[_Entry]]:
-        """Work units: one large file, or a group of small files up to READ_BUDGET."""
+        """Work units: one large file, or a group of small files up to READ_BUDGET.
+
+        Large files come first, largest first: a big file is one task's sequential
+        read, and started last it would leave a single core busy at the end of the run.
+        """
+        big = sorted(
+            (f for f in self.files if f.node.size >= READ_BUDGET),
+            key=lambda f: f.node.size,
+            reverse=True,
+        )
+        for f in big:
+            yield [f]
         group: list[_Entry] = []
         size = 0
         for f in self.files:
             s = f.node.size
             if s >= READ_BUDGET:
-                yield [f]
                 continue
             group.append(f)
             size += s
@@ -550,15 +563,35 @@ class _Backup:
                     self.p.blobs_dedup += 1
         if not todo:
             return
-        blobs = await self.run_cpu(self._seal_all, todo, btype)
+        blobs = await self._seal_parallel(todo, btype)
         n = len(blobs)
         self.p.blobs_new += n
-        self.p.bytes_uploaded += sum(len(b.envelope) for b in blobs)
+        self.p.bytes_uploaded += sum(len(b.envelope or b"") for b in blobs)
         if btype == DATA:
             self.data_new += n
         else:
             self.tree_new += n
         await self.uploader.add(blobs)
+
+    async def _seal_parallel(
+        self, todo: list[tuple[bytes, memoryview | bytes]], btype: int
+    ) -> list[Blob]:
+        """Seal in SEAL_PART-sized thread calls, so one batch keeps every worker busy."""
+        parts: list[list[tuple[bytes, memoryview | bytes]]] = [[]]
+        size = 0
+        for item in todo:
+            if size >= SEAL_PART:
+                parts.append([])
+                size = 0
+            parts[-1].append(item)
+            size += len(item[1])
+        if len(parts) == 1:
+            one: list[Blob] = await self.run_cpu(self._seal_all, todo, btype)
+            return one
+        sealed: list[list[Blob]] = await asyncio.gather(
+            *(self.run_cpu(self._seal_all, p, btype) for p in parts)
+        )
+        return [b for part in sealed for b in part]
 
     def _seal_all(self, todo: list[tuple[bytes, memoryview | bytes]], btype: int) -> list[Blob]:
         key, comp = self.sealing, self.compressor
@@ -610,21 +643,7 @@ class _Backup:
                 await self._check_hits([f])
                 return
             if fd is not None:
-                chunks = self.chunker.chunks_of_fd(fd, f.st.st_size)  # type: ignore[union-attr]
-                done = False
-                try:
-                    while not done:
-                        out: list[tuple[bytes, memoryview]] = []
-                        t = _Tally()
-                        done = await self.run_cpu(self._read_fd, t, f, fd, chunks, out, READ_BUDGET)
-                        self._merge(t)
-                        await self._store(out, DATA)
-                        self.progress()
-                except BaseException:
-                    if not done:
-                        with contextlib.suppress(OSError):
-                            os.close(fd)
-                    raise
+                await self._big_file(f, fd)
             self.p.files_done += 1
             self.progress()
             return
@@ -637,6 +656,39 @@ class _Backup:
         if hits:
             await self._check_hits(hits)
         self.progress()
+
+    async def _big_file(self, f: _Entry, fd: int) -> None:
+        """Read one large file batch by batch, storing each batch while the next is read.
+
+        Up to BIG_FILE_INFLIGHT batches are being stored (dedup, seal, upload) at
+        once: reading, sealing and the network overlap within the file. A store
+        that fails ends the task group, which cancels the read in progress.
+        """
+        chunks = self.chunker.chunks_of_fd(fd, f.st.st_size)  # type: ignore[union-attr]
+        slots = asyncio.Semaphore(BIG_FILE_INFLIGHT)
+        done = False
+
+        async def store(out: list[tuple[bytes, memoryview]]) -> None:
+            try:
+                await self._store(out, DATA)
+            finally:
+                slots.release()
+            self.progress()
+
+        try:
+            async with asyncio.TaskGroup() as tg:
+                while not done:
+                    await slots.acquire()
+                    out: list[tuple[bytes, memoryview]] = []
+                    t = _Tally()
+                    done = await self.run_cpu(self._read_fd, t, f, fd, chunks, out, READ_BUDGET)
+                    self._merge(t)
+                    tg.create_task(store(out))
+        except BaseException:
+            if not done:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            raise
 
     async def _file_task(self, units: Iterator[list[_Entry]]) -> None:
         for unit in units:  # the iterator is shared: each task takes the next unit

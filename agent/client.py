@@ -16,20 +16,11 @@ from core import errors
 from core.certs import CertSource, FileCertSource
 from core.format import MAX_IDS_PER_QUERY
 from core.tls import TlsFiles
-from core.wire import CHANNEL_OPTIONS, error_from_rpc, pack_ids, read_bitmap
+from core.wire import CHANNEL_OPTIONS, error_from_rpc, pack_ids, read_bitmap, varint
 from protos.clawback.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 
 UPLOAD_QUEUE = 2  # messages in flight per upload stream: back-pressure on the sealers
 UPLOAD_METHOD = "/clawback.v1.AgentService/UploadBlobs"
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
 
 
 def encode_upload(job_id: str, blobs: Sequence[Blob]) -> bytes:
@@ -38,15 +29,15 @@ def encode_upload(job_id: str, blobs: Sequence[Blob]) -> bytes:
     parts: list[bytes] = []
     if job_id:
         jid = job_id.encode()
-        parts += (b"\x0a", _varint(len(jid)), jid)
+        parts += (b"\x0a", varint(len(jid)), jid)
     for b in blobs:
         env = b.envelope or b""
-        head = b"\x0a" + _varint(len(b.id)) + b.id
+        head = b"\x0a" + varint(len(b.id)) + b.id
         if b.type:
-            head += b"\x10" + _varint(b.type)
+            head += b"\x10" + varint(b.type)
         if env:
-            head += b"\x1a" + _varint(len(env))
-        parts += (b"\x12", _varint(len(head) + len(env)), head, env)
+            head += b"\x1a" + varint(len(env))
+        parts += (b"\x12", varint(len(head) + len(env)), head, env)
     return b"".join(parts)
 
 

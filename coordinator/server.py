@@ -83,17 +83,24 @@ async def _repo_config(store: Any) -> format.RepoConfig:
     return cfg
 
 
-def _check_blobs(blobs: Any) -> None:
-    for b in blobs:
-        if len(b.id) != format.ID_SIZE:
-            raise errors.UsageError(f"blob id of {len(b.id)} bytes (ids are {format.ID_SIZE})")
-        if b.type not in (common_pb2.BLOB_TYPE_DATA, common_pb2.BLOB_TYPE_TREE):
-            raise errors.UsageError(f"blob {b.id.hex()[:16]}: invalid blob type {b.type}")
-        if not 0 < len(b.envelope) <= format.MAX_BLOB_SIZE:
+def _check_blobs(blobs: Any) -> list[tuple[bytes, int, bytes]]:
+    """The (id, type, envelope) of each blob of an UploadRequest, validated.
+
+    Each field is read once: reading a bytes field of a parsed message copies
+    it, and envelopes are up to MAX_BLOB_SIZE.
+    """
+    out = [(b.id, b.type, b.envelope) for b in blobs]
+    for bid, btype, env in out:
+        if len(bid) != format.ID_SIZE:
+            raise errors.UsageError(f"blob id of {len(bid)} bytes (ids are {format.ID_SIZE})")
+        if btype not in (common_pb2.BLOB_TYPE_DATA, common_pb2.BLOB_TYPE_TREE):
+            raise errors.UsageError(f"blob {bid.hex()[:16]}: invalid blob type {btype}")
+        if not 0 < len(env) <= format.MAX_BLOB_SIZE:
             raise errors.UsageError(
-                f"blob {b.id.hex()[:16]}: envelope of {len(b.envelope)} bytes "
+                f"blob {bid.hex()[:16]}: envelope of {len(env)} bytes "
                 f"(at most {format.MAX_BLOB_SIZE})"
             )
+    return out
 
 
 def _check_key_ids(key_ids: Any) -> list[bytes]:
@@ -326,10 +333,12 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             async for req in request_iterator:
                 if not req.blobs:
                     continue
-                _check_blobs(req.blobs)
+                blobs = _check_blobs(req.blobs)
+                del req
                 if session is None:
                     session = await in_thread(self._store.upload)
-                await in_thread(_add_all, session, req.blobs)
+                await in_thread(session.add_many, blobs)
+                del blobs
             if session is None:
                 return agent_pb2.UploadResponse()
             stats = await in_thread(session.finish)
@@ -408,10 +417,6 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 "snapshot %s of %s/%s committed (%d refs)", info.id, name, info.source, len(refs)
             )
         return agent_pb2.CommitResponse(snapshot_id=info.id, already_committed=bool(already))
-
-
-def _add_all(session: Any, blobs: Any) -> None:
-    session.add_many([(b.id, b.type, b.envelope) for b in blobs])
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):

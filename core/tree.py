@@ -13,6 +13,7 @@ from google.protobuf.message import DecodeError
 
 from core.errors import IntegrityError
 from core.format import ID_SIZE, TREE_PART_SIZE
+from core.wire import varint
 from protos.clawback.v1 import repo_pb2
 
 ROOT_NAME = b"."
@@ -27,8 +28,12 @@ def encode_tree(nodes: Iterable[repo_pb2.Node], part_size: int = TREE_PART_SIZE)
     """
     if part_size <= 0:
         raise ValueError("part_size must be positive")
-    tree = repo_pb2.Tree(nodes=sorted(nodes, key=lambda n: n.name))
-    data = tree.SerializeToString(deterministic=True)
+    # The Tree's wire form built from each node's own serialization: a repeated message
+    # field is the concatenation of (tag 1, length, message), exactly what
+    # Tree(nodes=...).SerializeToString(deterministic=True) writes, without copying every
+    # node into a new Tree first (tests pin the two as byte-identical).
+    keyed = sorted((n.name, n.SerializeToString(deterministic=True)) for n in nodes)
+    data = b"".join(b"\x0a" + varint(len(body)) + body for _, body in keyed)
     if not data:
         return [b""]
     return [data[i : i + part_size] for i in range(0, len(data), part_size)]

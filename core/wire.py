@@ -28,6 +28,16 @@ SERVER_OPTIONS: list[tuple[str, int | str]] = [
 ]
 
 
+def varint(n: int) -> bytes:
+    """A protobuf base-128 varint (for building wire bytes without message objects)."""
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
 def pack_ids(ids: Iterable[bytes]) -> bytes:
     return b"".join(ids)
 

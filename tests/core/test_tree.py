@@ -142,3 +142,17 @@ def test_encode_root_round_trip() -> None:
     assert decode_tree([encode_root(root)], root=True).nodes[0] == root
     with pytest.raises(ValueError):
         encode_root(repo_pb2.Node(name=b"x", type=repo_pb2.NODE_TYPE_DIR, subtree=[b"\x01" * 32]))
+
+
+def test_encode_tree_is_the_deterministic_tree_serialization() -> None:
+    """encode_tree builds the wire bytes node by node: they must be Tree.SerializeToString's."""
+    nodes = [_file(n) for n in (b"zeta", b"alpha", b"\xff\xfe", b"m" * 300)]
+    nodes[0].xattrs.add(name=b"user.x", value=b"v" * 200)
+    nodes[1].content.extend([bytes([i]) * 32 for i in range(5)])
+    nodes[1].content_sizes.extend([1 << 20] * 5)
+    nodes[1].size = 3 + (5 << 20)
+    expected = repo_pb2.Tree(nodes=sorted(nodes, key=lambda n: n.name)).SerializeToString(
+        deterministic=True
+    )
+    assert b"".join(encode_tree(nodes)) == expected
+    assert b"".join(encode_tree(nodes, part_size=97)) == expected
