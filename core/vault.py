@@ -32,11 +32,10 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import hvac.exceptions
-import requests
-from hvac.adapters import RawAdapter
+if TYPE_CHECKING:
+    from hvac.adapters import RawAdapter
 
 from core.clock import SYSTEM, Clock
 from core.config import Table
@@ -166,6 +165,8 @@ def read_secret_file(path: Path | None, what: str) -> str:
 
 
 def _json(resp: Any) -> dict[str, Any]:
+    import requests
+
     if isinstance(resp, requests.Response):
         if resp.status_code == 204 or not resp.content:
             return {}
@@ -226,6 +227,10 @@ class VaultClient:
 
     # ---- transport ---------------------------------------------------------
     def _adapter(self) -> RawAdapter:
+        # hvac (and requests) load on first use: the CLI imports this module for its
+        # settings, and most commands never talk to Vault (a tenth of their start-up).
+        from hvac.adapters import RawAdapter
+
         adapter: RawAdapter | None = getattr(self._local, "adapter", None)
         if adapter is None:
             verify: bool | str = str(self.settings.ca_file) if self.settings.ca_file else True
@@ -254,6 +259,9 @@ class VaultClient:
         invalid: type[ClawbackError] = UsageError,
     ) -> dict[str, Any]:
         """One HTTP call to Vault, audited, with hvac/requests errors translated."""
+        import hvac.exceptions
+        import requests
+
         method = method.upper()
         adapter = self._adapter()
         adapter.token = token or None
