@@ -24,9 +24,11 @@ import asyncio
 import contextlib
 import errno
 import gc
+import logging
 import os
 import socket
 import stat
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -50,7 +52,7 @@ from core.chunkid import IdHasher
 from core.clock import SYSTEM, Clock
 from core.compression import Compressor
 from core.envelope import SealingKey, seal
-from core.errors import KeyMaterialError, NotFound, UsageError
+from core.errors import ClawbackError, KeyMaterialError, NotFound, TransportError, UsageError
 from core.format import MAX_IDS_PER_QUERY, RepoConfig
 from core.keys import KeyProvider
 from core.tree import ROOT_NAME, encode_root, encode_tree
@@ -64,11 +66,14 @@ READ_BUDGET = 4 * 1024 * 1024  # plaintext bytes a file task gathers before dedu
 # Plaintext bytes per sealing thread call: a batch is split over the workers.
 SEAL_PART = 1024 * 1024
 BIG_FILE_INFLIGHT = 3  # batches of one large file being stored while the next is read
+HITS_BATCH = 2048  # files-cache hits whose ids are confirmed together
 SMALL_GROUP_FILES = 256  # small files handled per thread call
 UPLOAD_BATCH = (
     2 * 1024 * 1024
 )  # envelope bytes per UploadStream.send (1-4 MiB: as fast, less memory)
 MAX_WARNINGS = 1000
+
+log = logging.getLogger("clawback.agent.backup")
 
 _O_NOATIME = getattr(os, "O_NOATIME", 0)
 
@@ -114,6 +119,34 @@ class _Dir(_Entry):
         self.children: list[_Entry] = []
 
 
+# A stage-2 work unit from the walk: ("read", files to read) or ("hits", files-cache hits).
+_Unit = tuple[str, list["_Entry"]]
+
+
+def _first_error(eg: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The exception a task group's failure stands for: its first that is not a cancellation."""
+    leaves: list[BaseException] = []
+
+    def collect(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for sub in e.exceptions:
+                collect(sub)
+        else:
+            leaves.append(e)
+
+    collect(eg)
+    # The most telling first: a refusal (disk full, permission) over a broken transport,
+    # which is often only the echo of the refusal on another stream of the same job.
+    for kind in (ClawbackError, Exception):
+        for e in leaves:
+            if isinstance(e, kind) and not isinstance(e, TransportError):
+                return e
+    for e in leaves:
+        if not isinstance(e, asyncio.CancelledError):
+            return e
+    return leaves[0] if leaves else eg
+
+
 class _Tally:
     """What one thread call observed; merged into the run's counters on the event loop."""
 
@@ -127,39 +160,61 @@ class _Tally:
 
 
 class _Uploader:
-    """Batches sealed blobs into ~UPLOAD_BATCH sends spread over a few upload streams."""
+    """Batches sealed blobs into ~UPLOAD_BATCH messages spread round-robin over a few upload streams.
+
+    Fed by the sealing threads (`add_from_thread`): a stream that takes messages
+    from a thread (`put`, agent/client.py's _ThreadUpload) gets them directly and
+    blocks the sealer while it is congested; any other stream is sent to through
+    the event loop.
+    """
 
     def __init__(self, repo: RepoClient, job_id: str, n_streams: int) -> None:
         self._repo, self._job_id, self._n = repo, job_id, n_streams
         self._streams: list[UploadStream] = []
-        self._locks: list[asyncio.Lock] = []
+        self._stream_locks: list[threading.Lock] = []
+        self._lock = threading.Lock()
         self._buf: list[Blob] = []
         self._buf_bytes = 0
         self._next = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         for _ in range(self._n):
             self._streams.append(await self._repo.open_upload(self._job_id))
-            self._locks.append(asyncio.Lock())
+            self._stream_locks.append(threading.Lock())
 
-    async def add(self, blobs: Sequence[Blob]) -> None:
-        for b in blobs:
-            self._buf.append(b)
-            self._buf_bytes += len(b.envelope or b"")
-            if self._buf_bytes >= UPLOAD_BATCH:
-                await self._flush()
-
-    async def _flush(self) -> None:
-        if not self._buf:
-            return
+    def _take(self) -> tuple[list[Blob], int]:
         batch, self._buf, self._buf_bytes = self._buf, [], 0
         i = self._next
         self._next = (i + 1) % len(self._streams)
-        async with self._locks[i]:
-            await self._streams[i].send(batch)
+        return batch, i
+
+    def add_from_thread(self, blobs: Sequence[Blob]) -> None:
+        for b in blobs:
+            with self._lock:
+                self._buf.append(b)
+                self._buf_bytes += len(b.envelope or b"")
+                if self._buf_bytes < UPLOAD_BATCH:
+                    continue
+                batch, i = self._take()
+            self._send_from_thread(i, batch)
+
+    def _send_from_thread(self, i: int, batch: list[Blob]) -> None:
+        stream = self._streams[i]
+        with self._stream_locks[i]:
+            put: Callable[[Sequence[Blob]], None] | None = getattr(stream, "put", None)
+            if put is not None:
+                put(batch)
+            else:
+                assert self._loop is not None
+                asyncio.run_coroutine_threadsafe(stream.send(batch), self._loop).result()
 
     async def close(self) -> None:
-        await self._flush()
+        with self._lock:
+            batch, i = self._take() if self._buf else ([], 0)
+        if batch:
+            await asyncio.to_thread(self._send_from_thread, i, batch)
         for s in self._streams:
             await s.close()
         self._streams = []
@@ -205,6 +260,12 @@ class _Backup:
         self.dirs: list[_Dir] = []
         self.files: list[_Entry] = []
         self.links: list[_Entry] = []  # hard links sharing a primary's content
+        # Stage-2 units being gathered by the walk's thread (_route).
+        self._emit: Callable[[_Unit], None] = lambda _: None
+        self._group: list[_Entry] = []
+        self._group_size = 0
+        self._hits: list[_Entry] = []
+        self._warn_lock = threading.Lock()
         self.reporter = ProgressReporter(on_progress, clock)
         self.p = self.reporter.p
         self.files_read = 0
@@ -214,10 +275,11 @@ class _Backup:
     # -- helpers -----------------------------------------------------------------
 
     def warn(self, msg: str) -> None:
-        self.errors += 1
-        self.p.errors = self.errors
-        if len(self.warnings) < MAX_WARNINGS:
-            self.warnings.append(msg)
+        with self._warn_lock:  # the walk's thread warns while the event loop does
+            self.errors += 1
+            self.p.errors = self.errors
+            if len(self.warnings) < MAX_WARNINGS:
+                self.warnings.append(msg)
 
     def progress(self, force: bool = False) -> None:
         self.reporter.report(force)
@@ -236,24 +298,62 @@ class _Backup:
                 self.noatime = 0
         return os.open(path, flags)
 
-    def walk(self) -> _Dir:
-        # The walk only allocates (no cycles to collect): the collector's passes over the
-        # growing tree would be pure overhead.
-        enabled = gc.isenabled()
-        gc.disable()
-        try:
-            return self._walk()
-        finally:
-            if enabled:
-                gc.enable()
-
-    def _walk(self) -> _Dir:
+    def check_root(self) -> os.stat_result:
         try:
             st = os.lstat(self.root)
         except FileNotFoundError:
             raise NotFound(f"source directory {os.fsdecode(self.root)} does not exist") from None
         if not stat.S_ISDIR(st.st_mode):
             raise UsageError(f"source {os.fsdecode(self.root)} is not a directory")
+        return st
+
+    def walk(self, emit: Callable[[_Unit], None]) -> _Dir:
+        """Thread: walk the tree, handing full work units to stage 2 as they are found (`emit`).
+
+        Each file is looked up in the files cache right after its lstat: a hit
+        joins a batch of ids to confirm, a miss a read unit (a large file alone,
+        small files in groups), so reading starts long before the walk ends.
+        The units not yet full when the walk ends are left for `_flush_units`.
+        """
+        # The walk only allocates (no cycles to collect): the collector's passes over the
+        # growing tree would be pure overhead.
+        enabled = gc.isenabled()
+        gc.disable()
+        self._emit = emit
+        try:
+            return self._walk()
+        finally:
+            if enabled:
+                gc.enable()
+
+    def _route(self, f: _Entry) -> None:
+        """Walk thread: send one regular file (not a second hard link) on to stage 2."""
+        if self._lookup_cache(f):
+            self._hits.append(f)
+            if len(self._hits) >= HITS_BATCH:
+                self._emit(("hits", self._hits))
+                self._hits = []
+            return
+        size = f.node.size
+        if size >= READ_BUDGET:
+            self._emit(("read", [f]))
+            return
+        self._group.append(f)
+        self._group_size += size
+        if self._group_size >= READ_BUDGET or len(self._group) >= SMALL_GROUP_FILES:
+            self._emit(("read", self._group))
+            self._group, self._group_size = [], 0
+
+    def _flush_units(self) -> None:
+        if self._group:
+            self._emit(("read", self._group))
+            self._group, self._group_size = [], 0
+        if self._hits:
+            self._emit(("hits", self._hits))
+            self._hits = []
+
+    def _walk(self) -> _Dir:
+        st = self.check_root()
         node = node_from_stat(ROOT_NAME, st, self.owners)
         self._xattrs(node, self.root)
         top = _Dir(node, self.root, b"", st)
@@ -313,6 +413,7 @@ class _Backup:
                             inodes[key] = ent
                         files.append(ent)
                         p.bytes_total += est.st_size
+                        self._route(ent)
             except OSError as exc:
                 self._drop_dir(d, f"{_show(d.path)}: cannot list directory: {exc.strerror}")
             finally:
@@ -340,33 +441,6 @@ class _Backup:
         return True
 
     # -- stage 2: files ------------------------------------------------------------
-
-    def _units(self) -> Iterator[list[_Entry]]:
-        """Work units: one large file, or a group of small files up to READ_BUDGET.
-
-        Large files come first, largest first: a big file is one task's sequential
-        read, and started last it would leave a single core busy at the end of the run.
-        """
-        big = sorted(
-            (f for f in self.files if f.node.size >= READ_BUDGET),
-            key=lambda f: f.node.size,
-            reverse=True,
-        )
-        for f in big:
-            yield [f]
-        group: list[_Entry] = []
-        size = 0
-        for f in self.files:
-            s = f.node.size
-            if s >= READ_BUDGET:
-                continue
-            group.append(f)
-            size += s
-            if size >= READ_BUDGET or len(group) >= SMALL_GROUP_FILES:
-                yield group
-                group, size = [], 0
-        if group:
-            yield group
 
     def _lookup_cache(self, f: _Entry) -> bool:
         st = f.st
@@ -563,20 +637,19 @@ class _Backup:
                     self.p.blobs_dedup += 1
         if not todo:
             return
-        blobs = await self._seal_parallel(todo, btype)
-        n = len(blobs)
+        n, nbytes = await self._seal_parallel(todo, btype)
         self.p.blobs_new += n
-        self.p.bytes_uploaded += sum(len(b.envelope or b"") for b in blobs)
+        self.p.bytes_uploaded += nbytes
         if btype == DATA:
             self.data_new += n
         else:
             self.tree_new += n
-        await self.uploader.add(blobs)
 
     async def _seal_parallel(
         self, todo: list[tuple[bytes, memoryview | bytes]], btype: int
-    ) -> list[Blob]:
-        """Seal in SEAL_PART-sized thread calls, so one batch keeps every worker busy."""
+    ) -> tuple[int, int]:
+        """Seal and hand to the uploader in SEAL_PART-sized thread calls, so one batch keeps
+        every worker busy; (blobs, envelope bytes)."""
         parts: list[list[tuple[bytes, memoryview | bytes]]] = [[]]
         size = 0
         for item in todo:
@@ -585,18 +658,21 @@ class _Backup:
                 size = 0
             parts[-1].append(item)
             size += len(item[1])
-        if len(parts) == 1:
-            one: list[Blob] = await self.run_cpu(self._seal_all, todo, btype)
-            return one
-        sealed: list[list[Blob]] = await asyncio.gather(
-            *(self.run_cpu(self._seal_all, p, btype) for p in parts)
+        done: list[tuple[int, int]] = await asyncio.gather(
+            *(self.run_cpu(self._seal_and_send, p, btype) for p in parts)
         )
-        return [b for part in sealed for b in part]
+        return sum(n for n, _ in done), sum(b for _, b in done)
 
-    def _seal_all(self, todo: list[tuple[bytes, memoryview | bytes]], btype: int) -> list[Blob]:
+    def _seal_and_send(
+        self, todo: list[tuple[bytes, memoryview | bytes]], btype: int
+    ) -> tuple[int, int]:
+        """Thread: seal blobs under the snapshot's data key and pass them to the upload streams."""
         key, comp = self.sealing, self.compressor
         assert key is not None
-        return [Blob(cid, btype, seal(key, cid, btype, data, comp)) for cid, data in todo]
+        blobs = [Blob(cid, btype, seal(key, cid, btype, data, comp)) for cid, data in todo]
+        nbytes = sum(len(b.envelope or b"") for b in blobs)
+        self.uploader.add_from_thread(blobs)
+        return len(blobs), nbytes
 
     async def _check_hits(self, hits: list[_Entry]) -> None:
         """Confirm the ids of files taken from the cache are stored; re-read the files whose ids are not."""
@@ -690,9 +766,44 @@ class _Backup:
                     os.close(fd)
             raise
 
-    async def _file_task(self, units: Iterator[list[_Entry]]) -> None:
-        for unit in units:  # the iterator is shared: each task takes the next unit
-            await self._process(unit, use_cache=True)
+    async def _file_task(self, queue: asyncio.Queue[_Unit | None]) -> None:
+        while (unit := await queue.get()) is not None:
+            kind, entries = unit
+            if kind == "hits":
+                await self._check_hits(entries)
+            else:
+                await self._process(entries, use_cache=False)
+        queue.put_nowait(None)  # the end of the stream, for the next task
+
+    async def _walk_and_read(self) -> _Dir:
+        """Stages 1 and 2 together: the walk's thread feeds a queue that 2 x workers tasks drain."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[_Unit | None] = asyncio.Queue()
+
+        def emit(unit: _Unit) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, unit)
+
+        async def walk() -> _Dir:
+            # A thread of its own: the pool's threads keep reading while the walk goes on.
+            top = await asyncio.to_thread(self.walk, emit)
+            # Every unit the thread emitted is queued by now (its callbacks ran before this
+            # resumption). The rest follow the walk's final progress report: on a small
+            # tree, nothing is read before the walk is complete.
+            self.phases["walk"] = self.clock.monotonic() - self.t0
+            self.progress(force=True)
+            self._emit = queue.put_nowait
+            self._flush_units()
+            queue.put_nowait(None)
+            return top
+
+        try:
+            async with asyncio.TaskGroup() as tg:
+                walking = tg.create_task(walk())
+                for _ in range(self.workers * 2):
+                    tg.create_task(self._file_task(queue))
+        except BaseExceptionGroup as eg:
+            raise _first_error(eg) from None
+        return walking.result()
 
     # -- stage 3: trees ------------------------------------------------------------
 
@@ -742,11 +853,11 @@ class _Backup:
 
     async def run(self, info: common_pb2.SnapshotInfo, keys: KeyProvider) -> BackupResult:
         self.warn_later: list[str] = []
-        t0 = self.clock.monotonic()
+        self.phases: dict[str, float] = {}
+        self.t0 = t0 = self.clock.monotonic()
         self.uploader = _Uploader(self.repo, self.job_id, 1 if self.workers < 2 else 2)
         try:
-            top = await self.run_cpu(self.walk)
-            self.progress(force=True)
+            await asyncio.to_thread(self.check_root)
             dk = await asyncio.to_thread(keys.new_data_key)
             self.sealing = SealingKey(dk.key_id, dk.key)
             wrapped = common_pb2.WrappedKey(
@@ -754,18 +865,17 @@ class _Backup:
             )
             del dk
             await self.uploader.start()
-            units = self._units()
-            async with asyncio.TaskGroup() as tg:
-                for _ in range(self.workers * 2):
-                    tg.create_task(self._file_task(units))
+            top = await self._walk_and_read()
             # Hard links share their first link's content: unchanged when it was.
             self.p.files_done += len(self.links)
             self.p.files_unchanged += sum(1 for f in self.links if f.primary and f.primary.cached)
+            self.phases["files"] = self.clock.monotonic() - t0
             root_id, parts, data_refs = await self.run_cpu(self._build_trees, top)
             for m in self.warn_later:
                 self.warn(m)
             await self._store(parts, TREE)
             await self.uploader.close()
+            self.phases["trees"] = self.clock.monotonic() - t0
             refs = sorted(data_refs | {i for i, _ in parts})
             del parts
             info.root = root_id
@@ -789,6 +899,7 @@ class _Backup:
             s.duration_s = self.clock.monotonic() - t0
             await self.repo.put_keys([wrapped])  # design.md §Write ordering 3: key before snapshot
             await self.repo.commit(info, refs)
+            self.phases["commit"] = self.clock.monotonic() - t0
         except BaseException:
             await self.uploader.abort()
             raise
@@ -799,6 +910,12 @@ class _Backup:
             await asyncio.to_thread(self.cache.save)
         except OSError as exc:
             self.warnings.append(f"files cache not saved: {exc}")
+        self.phases["cache"] = self.clock.monotonic() - t0
+        log.info(
+            "backup %s phases (s since start): %s",
+            info.id,
+            " ".join(f"{k} {v:.3f}" for k, v in self.phases.items()),
+        )
         self.progress(force=True)
         return BackupResult(
             info=info,
