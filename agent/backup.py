@@ -94,7 +94,10 @@ class BackupResult:
 class _Entry:
     """One walked entry; FILE entries are filled in by the file stage."""
 
-    __slots__ = ("cached", "dir", "node", "ok", "path", "primary", "rel", "st")
+    # No reference back to the parent directory: the walk's tree stays free of cycles, so it
+    # is freed when the run ends instead of waiting for a full collection (the agent's memory
+    # grew by a tree's worth with every job).
+    __slots__ = ("cached", "node", "ok", "path", "primary", "rel", "st")
 
     def __init__(
         self, node: repo_pb2.Node, path: bytes, rel: bytes, st: os.stat_result | None
@@ -106,7 +109,6 @@ class _Entry:
         self.ok = True
         self.cached = False  # content ids taken from the files cache: the file was not read
         self.primary: _Entry | None = None  # hard link: the entry whose content this one shares
-        self.dir: _Dir | None = None
 
 
 class _Dir(_Entry):
@@ -394,12 +396,10 @@ class _Backup:
                     rel = d.rel + b"/" + name if d.rel else name
                     if kind == DIR:
                         sub = _Dir(n, path, rel, est)
-                        sub.dir = d
                         stack.append(sub)
                         d.children.append(sub)
                         continue
                     ent = _Entry(n, path, rel, est)
-                    ent.dir = d
                     d.children.append(ent)
                     if kind == FILE:
                         p.files_total += 1
@@ -424,7 +424,7 @@ class _Backup:
         self.warn(msg)
         d.ok = False
         d.children = []
-        if d.dir is None:  # the root itself
+        if not d.rel:  # the root itself
             raise NotFound(msg)
 
     def _xattrs(self, node: repo_pb2.Node, path: bytes) -> bool:
