@@ -7,6 +7,7 @@ core.chunkid; an import-linter contract enforces it).
 
 from __future__ import annotations
 
+import itertools
 import re
 import shutil
 import threading
@@ -44,6 +45,7 @@ BLOB_TYPES = (common_pb2.BLOB_TYPE_DATA, common_pb2.BLOB_TYPE_TREE)
 CONFIG_PATH = "config"
 SNAPSHOT_ID = re.compile(r"[0-9a-f]{32}")
 REFS_CACHE = 4  # reference lists can be large: keep only a few
+RECOVER_BATCH = 1000  # pack files checked against the catalog per query at start
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,12 @@ class RecoveryStats:
     snapshots_indexed: int = 0
     keys_indexed: int = 0
     problems: tuple[str, ...] = field(default_factory=tuple)
+
+
+def _batched(items: Iterable[str], n: int) -> Iterator[list[str]]:
+    it = iter(items)
+    while batch := list(itertools.islice(it, n)):
+        yield batch
 
 
 def check_snapshot_id(snapshot_id: str) -> str:
@@ -276,26 +284,19 @@ class BlobStore:
 
         problems: list[str] = []
         packs = snaps = keys = 0
-        known = set(self.catalog.list_pack_ids())
-        for path in self.backend.list("data/"):
-            pack_id = pack_id_from_path(path)
-            if pack_id is None:
-                problems.append(f"{path}: not a pack name")
-                continue
-            if pack_id in known:
-                continue
-            try:
-                size = self.backend.stat(path)
-                entries = read_header(self.backend, path, size)
-            except IntegrityError as exc:
-                problems.append(str(exc))
-                continue
-            key_ids = {
-                e.id: self.backend.get(path, e.offset + ENVELOPE_KEY_ID.start, KEY_ID_SIZE)
-                for e in entries
-            }
-            self.catalog.add_pack(pack_id, size, self.clock.now_ns(), entries, key_ids)
-            packs += 1
+        # Checked against the catalog in batches: memory does not grow with the repository.
+        for unchecked in _batched(self.backend.list("data/"), RECOVER_BATCH):
+            named: dict[bytes, str] = {}
+            for path in unchecked:
+                pack_id = pack_id_from_path(path)
+                if pack_id is None:
+                    problems.append(f"{path}: not a pack name")
+                else:
+                    named[pack_id] = path
+            known = self.catalog.indexed_packs(list(named))
+            for pack_id, path in named.items():
+                if pack_id not in known:
+                    packs += self._index_pack(pack_id, path, problems)
 
         for path in self.backend.list("keys/"):
             name = path.split("/", 1)[1]
@@ -334,6 +335,21 @@ class BlobStore:
             self.catalog.put_snapshot(record.info)
             snaps += 1
         return RecoveryStats(removed, packs, snaps, keys, tuple(problems))
+
+    def _index_pack(self, pack_id: bytes, path: str, problems: list[str]) -> int:
+        """Index one pack the catalog lacks from its own header; 1 if indexed, else 0."""
+        try:
+            size = self.backend.stat(path)
+            entries = read_header(self.backend, path, size)
+        except IntegrityError as exc:
+            problems.append(str(exc))
+            return 0
+        key_ids = {
+            e.id: self.backend.get(path, e.offset + ENVELOPE_KEY_ID.start, KEY_ID_SIZE)
+            for e in entries
+        }
+        self.catalog.add_pack(pack_id, size, self.clock.now_ns(), entries, key_ids)
+        return 1
 
     # -- blobs ---------------------------------------------------------------
     def missing(self, ids: Sequence[bytes]) -> list[bool]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -98,14 +97,12 @@ def test_missing_many_ids(catalog: Catalog) -> None:
     )
 
 
-def test_missing_is_fast(catalog: Catalog) -> None:
+def test_missing_answers_a_large_mixed_batch(catalog: Catalog) -> None:
+    """Speed is bench.scale's to measure; here, the answers for a batch larger than one query."""
     catalog.add_pack(b"p" * 32, 1, 1, entries(65536))
-    ids = [e.id for e in entries(32768)] + [os.urandom(32) for _ in range(32768)]
-    t = time.perf_counter()
-    result = catalog.missing(ids)
-    rate = len(ids) / (time.perf_counter() - t)
-    assert sum(result) == 32768
-    assert rate > 100_000, f"missing() answered only {rate:,.0f} ids/s"
+    absent = [os.urandom(32) for _ in range(32768)]
+    ids = [e.id for e in entries(32768)] + absent
+    assert catalog.missing(ids) == [False] * 32768 + [True] * 32768
 
 
 def test_snapshots(catalog: Catalog) -> None:
