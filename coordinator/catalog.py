@@ -38,6 +38,13 @@ MISSING_SQL = (
     "SELECT group_concat(k.i) FROM k JOIN blobs INDEXED BY blobs_ids "
     f"ON blobs.id = substr(?1, k.i * {ID_SIZE} + 1, {ID_SIZE})"
 )
+# The data keys of a commit's references, in the same one-statement form (the wide table:
+# key_id is not in blobs_ids).
+KEY_IDS_SQL = (
+    "WITH RECURSIVE k(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM k WHERE i + 1 < ?2) "
+    "SELECT DISTINCT blobs.key_id FROM k JOIN blobs "
+    f"ON blobs.id = substr(?1, k.i * {ID_SIZE} + 1, {ID_SIZE}) WHERE blobs.key_id IS NOT NULL"
+)
 T = TypeVar("T")
 
 
@@ -558,14 +565,13 @@ class SqliteCatalog:
     def blob_key_ids(self, ids: Sequence[bytes]) -> set[bytes]:
         """The distinct data keys that sealed these blobs (blobs indexed without one are skipped)."""
 
+        unique = sorted({i for i in ids if len(i) == ID_SIZE})
+
         def run(conn: sqlite3.Connection) -> set[bytes]:
             out: set[bytes] = set()
-            for chunk in _chunks(list(ids), SQL_BATCH):
-                sql = (
-                    "SELECT DISTINCT key_id FROM blobs WHERE key_id IS NOT NULL AND "
-                    f"id IN ({','.join('?' * len(chunk))})"
-                )
-                out.update(r[0] for r in conn.execute(sql, chunk))
+            for chunk in _chunks(unique, MAX_IDS_PER_QUERY):
+                rows = conn.execute(KEY_IDS_SQL, (b"".join(chunk), len(chunk)))
+                out.update(r[0] for r in rows)
             return out
 
         return self._read(run)
