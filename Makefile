@@ -52,5 +52,15 @@ bench: bench-deps
 bench-quick: bench-deps
 	$(BIN)/python -m bench.run --quick
 
+# The coordinator at scale: MissingBlobs against a 10M-entry index, 50 agents uploading at once (no peers needed).
+.PHONY: bench-scale
+bench-scale: setup
+	$(BIN)/python -m bench.scale --json bench/results/scale.json
+
+# The agent's peak RSS into a fresh repository and into one holding 10x the data (no peers needed; ~5-8 min, ~8 GB).
+.PHONY: bench-rss
+bench-rss: setup
+	$(BIN)/python -m bench.rss --json bench/results/rss.json
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

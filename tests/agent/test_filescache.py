@@ -93,3 +93,38 @@ def test_per_source_files_and_unsafe_names(tmp_path: Path) -> None:
     c.record(b"a", ENTRY)
     assert c.save()
     assert os.stat(cache_path(tmp_path / "new" / "dir", "x")).st_mode & 0o077 == 0
+
+
+def test_a_v1_cache_is_migrated_and_written_back_as_v2(tmp_path: Path) -> None:
+    import marshal
+
+    from agent.filescache import MAGIC, MAGIC_V1
+
+    p = cache_path(tmp_path, "src")
+    p.write_bytes(
+        MAGIC_V1 + marshal.dumps(("repo-a", {b"f": ENTRY, b"e": (0, 1, 2, 3, 4, (), ())}))
+    )
+    c = FilesCache.open(tmp_path, "src", scope="repo-a")
+    assert c.loaded and len(c) == 2
+    assert c.lookup(b"f", *ENTRY[:5]) == ENTRY
+    assert c.lookup(b"e", 0, 1, 2, 3, 4) == (0, 1, 2, 3, 4, (), ())
+    assert c.changed and c.save()  # unchanged entries, but the file is rewritten as v2
+    assert p.read_bytes().startswith(MAGIC)
+    c2 = FilesCache.open(tmp_path, "src", scope="repo-a")
+    assert c2.lookup(b"f", *ENTRY[:5]) == ENTRY
+    c2.lookup(b"e", 0, 1, 2, 3, 4)
+    assert not c2.changed
+
+
+def test_entries_are_compact_and_unrepresentable_ones_are_not_kept(tmp_path: Path) -> None:
+    many = tuple(bytes([i]) * 32 for i in range(5))
+    big = (15, -5, 7, 2**64 - 1, 0, many, (1, 2, 3, 4, 5))  # pre-1970 mtime, huge inode
+    c = FilesCache.open(tmp_path, "src")
+    c.record(b"big", big)
+    c.record(b"huge-chunk", (2**32, 1, 2, 3, 4, (IDS[0],), (2**32,)))
+    c.record(b"negative", (-1, 1, 2, 3, 4, (), ()))
+    assert c.save()
+    c2 = FilesCache.open(tmp_path, "src")
+    assert len(c2) == 1
+    assert c2.lookup(b"big", *big[:5]) == big
+    assert c2.lookup(b"big", -1, -5, 7, 2**64 - 1, 0) is None  # an unpackable query is a miss
