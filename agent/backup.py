@@ -65,7 +65,10 @@ MISSING_BATCH = min(4096, MAX_IDS_PER_QUERY)  # ids per MissingBlobs request
 READ_BUDGET = 4 * 1024 * 1024  # plaintext bytes a file task gathers before dedup/seal/upload
 # Plaintext bytes per sealing thread call: a batch is split over the workers.
 SEAL_PART = 1024 * 1024
-BIG_FILE_INFLIGHT = 3  # batches of one large file being stored while the next is read
+BIG_FILE_INFLIGHT = 2  # batches of one large file being stored while the next is read
+# Large files read at once. With BIG_FILE_INFLIGHT, this bounds the 8 MiB read blocks that
+# chunk views pin (docs/performance.md §Agent memory): ~4 at the peak instead of 9-11.
+BIG_FILES_AT_ONCE = 2
 HITS_BATCH = 2048  # files-cache hits whose ids are confirmed together
 SMALL_GROUP_FILES = 256  # small files handled per thread call
 UPLOAD_BATCH = (
@@ -97,15 +100,17 @@ class _Entry:
     # No reference back to the parent directory: the walk's tree stays free of cycles, so it
     # is freed when the run ends instead of waiting for a full collection (the agent's memory
     # grew by a tree's worth with every job).
-    __slots__ = ("cached", "node", "ok", "path", "primary", "rel", "st")
+    # No stat result either (656 B each): the node holds what the files cache compares. A
+    # file's chunk ids and sizes stay out of its node (protobuf memory that grows on every
+    # append, ~1 KiB per file) until its directory's tree is encoded.
+    __slots__ = ("cached", "ids", "node", "ok", "path", "primary", "rel", "sizes")
 
-    def __init__(
-        self, node: repo_pb2.Node, path: bytes, rel: bytes, st: os.stat_result | None
-    ) -> None:
+    def __init__(self, node: repo_pb2.Node, path: bytes, rel: bytes) -> None:
         self.node = node
         self.path = path  # absolute, for opening
         self.rel = rel  # relative to the root: the files cache key
-        self.st = st
+        self.ids: Sequence[bytes] = ()  # a list while the file is read, then a tuple
+        self.sizes: Sequence[int] = ()
         self.ok = True
         self.cached = False  # content ids taken from the files cache: the file was not read
         self.primary: _Entry | None = None  # hard link: the entry whose content this one shares
@@ -114,10 +119,8 @@ class _Entry:
 class _Dir(_Entry):
     __slots__ = ("children",)
 
-    def __init__(
-        self, node: repo_pb2.Node, path: bytes, rel: bytes, st: os.stat_result | None
-    ) -> None:
-        super().__init__(node, path, rel, st)
+    def __init__(self, node: repo_pb2.Node, path: bytes, rel: bytes) -> None:
+        super().__init__(node, path, rel)
         self.children: list[_Entry] = []
 
 
@@ -217,8 +220,8 @@ class _Uploader:
             batch, i = self._take() if self._buf else ([], 0)
         if batch:
             await asyncio.to_thread(self._send_from_thread, i, batch)
-        for s in self._streams:
-            await s.close()
+        # Closing waits for the coordinator to make the stream's blobs durable: all at once.
+        await asyncio.gather(*(s.close() for s in self._streams))
         self._streams = []
 
     async def abort(self) -> None:
@@ -268,6 +271,7 @@ class _Backup:
         self._group_size = 0
         self._hits: list[_Entry] = []
         self._warn_lock = threading.Lock()
+        self.big_files = asyncio.Semaphore(BIG_FILES_AT_ONCE)
         self.reporter = ProgressReporter(on_progress, clock)
         self.p = self.reporter.p
         self.files_read = 0
@@ -358,7 +362,7 @@ class _Backup:
         st = self.check_root()
         node = node_from_stat(ROOT_NAME, st, self.owners)
         self._xattrs(node, self.root)
-        top = _Dir(node, self.root, b"", st)
+        top = _Dir(node, self.root, b"")
         stack = [top]
         inodes: dict[tuple[int, int], _Entry] = {}
         owners, files, p = self.owners, self.files, self.p
@@ -395,11 +399,11 @@ class _Backup:
                         continue
                     rel = d.rel + b"/" + name if d.rel else name
                     if kind == DIR:
-                        sub = _Dir(n, path, rel, est)
+                        sub = _Dir(n, path, rel)
                         stack.append(sub)
                         d.children.append(sub)
                         continue
-                    ent = _Entry(n, path, rel, est)
+                    ent = _Entry(n, path, rel)
                     d.children.append(ent)
                     if kind == FILE:
                         p.files_total += 1
@@ -443,18 +447,11 @@ class _Backup:
     # -- stage 2: files ------------------------------------------------------------
 
     def _lookup_cache(self, f: _Entry) -> bool:
-        st = f.st
-        assert st is not None
-        e = self.cache.lookup(
-            f.rel, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev
-        )
+        n = f.node
+        e = self.cache.lookup(f.rel, n.size, n.mtime_ns, n.ctime_ns, n.inode, n.device)
         if e is None:
             return False
-        n = f.node
-        del n.content[:]
-        del n.content_sizes[:]
-        n.content.extend(e[5])
-        n.content_sizes.extend(e[6])
+        f.ids, f.sizes = e[5], e[6]
         n.size = e[0]
         return True
 
@@ -487,8 +484,8 @@ class _Backup:
             self._fail(t, f, f"{_show(f.path)}: changed type while backing up")
             return None
         # A file replaced since the walk is backed up as it is now (fstat of what was opened).
-        f.st = st
         n = f.node
+        n.size = st.st_size
         n.mode, n.uid, n.gid = st.st_mode & 0o7777, st.st_uid, st.st_gid
         n.mtime_ns, n.atime_ns, n.ctime_ns = st.st_mtime_ns, st.st_atime_ns, st.st_ctime_ns
         n.inode, n.device, n.nlink = st.st_ino, st.st_dev, st.st_nlink
@@ -511,14 +508,16 @@ class _Backup:
     ) -> bool:
         """Pull chunks of an open file into `out` until `budget` bytes; True when the file is done (fd closed)."""
         n = f.node
+        ids, sizes = f.ids, f.sizes
+        assert isinstance(ids, list) and isinstance(sizes, list)  # set by _begin_read
         blob_id = self.hasher.blob_id
         got = 0
         try:
             for c in chunks:
                 cid = blob_id(c)
                 ln = len(c)
-                n.content.append(cid)
-                n.content_sizes.append(ln)
+                ids.append(cid)
+                sizes.append(ln)
                 out.append((cid, c))
                 got += ln
                 if got >= budget:
@@ -531,26 +530,17 @@ class _Backup:
             return True
         t.bytes_read += got
         os.close(fd)
-        size = sum(n.content_sizes)
-        st = f.st
-        assert st is not None
-        if size != st.st_size:
+        f.ids, f.sizes = tuple(ids), tuple(sizes)
+        size = sum(sizes)
+        stat_size = n.size  # as fstat saw it when the file was opened
+        if size != stat_size:
             t.notes.append(
-                f"{_show(f.path)}: file shrank while being read ({st.st_size} -> {size} bytes)"
+                f"{_show(f.path)}: file shrank while being read ({stat_size} -> {size} bytes)"
             )
         n.size = size
-        if size == st.st_size:
+        if size == stat_size:
             self.cache.record(
-                f.rel,
-                (
-                    size,
-                    st.st_mtime_ns,
-                    st.st_ctime_ns,
-                    st.st_ino,
-                    st.st_dev,
-                    tuple(n.content),
-                    tuple(n.content_sizes),
-                ),
+                f.rel, (size, n.mtime_ns, n.ctime_ns, n.inode, n.device, f.ids, f.sizes)
             )
         return True
 
@@ -565,22 +555,18 @@ class _Backup:
                 hits.append(f)
                 continue
             n = f.node
-            del n.content[:]
-            del n.content_sizes[:]
-            if f.node.size == 0:
-                st = f.st
-                assert st is not None
-                self.cache.record(
-                    f.rel, (0, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev, (), ())
-                )
+            if n.size == 0:
+                f.ids, f.sizes = (), ()
+                self.cache.record(f.rel, (0, n.mtime_ns, n.ctime_ns, n.inode, n.device, (), ()))
                 t.files_read += 1
                 continue
+            f.ids, f.sizes = [], []
             fd = self._open_file(f, t)
             if fd is None:
                 continue
             t.files_read += 1
             try:
-                chunks = self.chunker.chunks_of_fd(fd, f.st.st_size)  # type: ignore[union-attr]
+                chunks = self.chunker.chunks_of_fd(fd, n.size)
             except BaseException:
                 os.close(fd)
                 raise
@@ -591,9 +577,7 @@ class _Backup:
         """Thread: (cache hit, fd or None)."""
         if use_cache and self._lookup_cache(f):
             return True, None
-        n = f.node
-        del n.content[:]
-        del n.content_sizes[:]
+        f.ids, f.sizes = [], []
         fd = self._open_file(f, t)
         if fd is not None:
             t.files_read += 1
@@ -680,7 +664,7 @@ class _Backup:
         ask: list[bytes] = []
         seen: set[bytes] = set()
         for f in hits:
-            for cid in f.node.content:
+            for cid in f.ids:
                 if cid not in claimed and cid not in seen:
                     seen.add(cid)
                     ask.append(cid)
@@ -696,13 +680,13 @@ class _Backup:
         unchanged = 0
         reread: list[_Entry] = []
         for f in hits:
-            if lost and any(cid in lost for cid in f.node.content):
+            if lost and any(cid in lost for cid in f.ids):
                 self.cache.forget(f.rel)
                 reread.append(f)
             else:
                 unchanged += 1
                 f.cached = True
-                self.p.blobs_dedup += len(f.node.content)
+                self.p.blobs_dedup += len(f.ids)
                 self.p.bytes_done += f.node.size
         self.p.files_unchanged += unchanged
         self.p.files_done += unchanged
@@ -712,14 +696,15 @@ class _Backup:
     async def _process(self, unit: list[_Entry], use_cache: bool) -> None:
         if len(unit) == 1 and unit[0].node.size >= READ_BUDGET:
             f = unit[0]
-            t = _Tally()
-            hit, fd = await self.run_cpu(self._big_open, t, f, use_cache)
-            self._merge(t)
-            if hit:
-                await self._check_hits([f])
-                return
-            if fd is not None:
-                await self._big_file(f, fd)
+            async with self.big_files:
+                t = _Tally()
+                hit, fd = await self.run_cpu(self._big_open, t, f, use_cache)
+                self._merge(t)
+                if hit:
+                    await self._check_hits([f])
+                    return
+                if fd is not None:
+                    await self._big_file(f, fd)
             self.p.files_done += 1
             self.progress()
             return
@@ -740,7 +725,7 @@ class _Backup:
         once: reading, sealing and the network overlap within the file. A store
         that fails ends the task group, which cancels the read in progress.
         """
-        chunks = self.chunker.chunks_of_fd(fd, f.st.st_size)  # type: ignore[union-attr]
+        chunks = self.chunker.chunks_of_fd(fd, f.node.size)
         slots = asyncio.Semaphore(BIG_FILE_INFLIGHT)
         done = False
 
@@ -822,10 +807,7 @@ class _Backup:
                 )
                 continue
             n, pn = link.node, prim.node
-            del n.content[:]
-            del n.content_sizes[:]
-            n.content.extend(pn.content)
-            n.content_sizes.extend(pn.content_sizes)
+            link.ids, link.sizes = prim.ids, prim.sizes
             n.size, n.sparse = pn.size, pn.sparse
         # self.dirs is in walk (pre-)order: reversed, every directory comes after its children.
         for d in reversed(self.dirs):
@@ -835,9 +817,16 @@ class _Backup:
             for c in d.children:
                 if not c.ok:
                     continue
-                if c.node.type == FILE:
-                    data_refs.update(c.node.content)
-                nodes.append(c.node)
+                n = c.node
+                if n.type == FILE:
+                    # The ids join the node only now (see _Entry), and leave the entry.
+                    data_refs.update(c.ids)
+                    del n.content[:]
+                    del n.content_sizes[:]
+                    n.content.extend(c.ids)
+                    n.content_sizes.extend(c.sizes)
+                    c.ids = c.sizes = ()
+                nodes.append(n)
             parts = encode_tree(nodes)
             ids = [blob_id(p) for p in parts]
             for i, p in zip(ids, parts, strict=True):

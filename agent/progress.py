@@ -23,7 +23,9 @@ class ProgressReporter:
         self._on_progress = on_progress
         self._clock = clock
         self._interval = interval
-        self._last = float("-inf")
+        # The interval runs from the start: the first reports a job sends are its forced ones
+        # (a backup's walk summary), then one per interval.
+        self._last = clock.monotonic()
 
     def report(self, force: bool = False) -> None:
         if self._on_progress is None:

@@ -458,21 +458,18 @@ async def test_progress_is_throttled(env: Env, workdir: Path) -> None:
     assert seen[-1].files_done == 600 and seen[-1].blobs_new == r.progress.blobs_new
 
 
-async def test_many_small_files_fast(env: Env, workdir: Path) -> None:
+async def test_many_small_files(env: Env, workdir: Path) -> None:
+    """10,000 tiny files: all backed up, none read again when unchanged, all restored
+    (how fast is bench/'s to measure, not a test's)."""
     src = workdir / "src"
     for d in range(40):
         (src / f"d{d}").mkdir(parents=True)
         for i in range(250):
             (src / f"d{d}" / f"f{i}").write_bytes(b"%d-%d" % (d, i))
-    t0 = time.process_time()
     r = await backup(env, src)
-    cpu1 = time.process_time() - t0
-    assert r.info.stats.files == 10_000
-    t0 = time.process_time()
+    assert r.info.stats.files == 10_000 and r.files_read == 10_000
     r2 = await backup(env, src)
-    cpu2 = time.process_time() - t0
-    assert r2.files_read == 0
-    assert cpu1 < 10 and cpu2 < 10, (cpu1, cpu2)
+    assert r2.files_read == 0 and r2.info.stats.files_unchanged == 10_000
     res = await restore(env, r2.info, workdir / "dst")
     assert res.errors == [] and res.files == 10_000
 
