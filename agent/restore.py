@@ -4,15 +4,26 @@ Safety (design.md §Threat model): every name is validated, and everything
 is done through directory file descriptors opened O_DIRECTORY|O_NOFOLLOW
 with the dir_fd=/follow_symlinks=False forms of the os functions, so a
 symlink planted in the target (or restored earlier) never redirects a
-write outside it. Files are written under a temporary name and linked or
-renamed into place; directory metadata is set after their children.
+write outside it. A file is created exclusively under its own name and
+removed again if it fails; with overwrite it is written under a temporary
+name and renamed over the old entry. Directory metadata is set after the
+children.
 
-Stages: (1) trees, breadth first, in batches; (2) directories, symlinks,
-FIFOs, devices, empty files; (3) file content in windows of ~8 MiB of
-unique blobs (download, open + id re-check in threads, pwrite, sparse
-chunks skipped); (4) hard links; (5) directory metadata, deepest first.
-A blob that is missing or fails authentication fails only the files that
-need it; everything else is restored and the failures are listed.
+Stages: (1) trees, breadth first, one request per level; (2) directories,
+symlinks, FIFOs, devices; (3) file content: every unique blob is requested
+once and streamed back in the coordinator's pack order, received ahead of
+the workers; the blobs of each DownloadResponse are opened (authenticated,
+decrypted, decompressed, id re-checked) by a worker thread into a reused
+buffer of bounded size, then written (pwrite at every offset the plan
+lists, all-zero chunks of sparse files skipped); a file is created on its
+first blob and finished on its last; (4) hard links; (5) directory
+metadata, deepest first. All file-system work of stages 2-5 runs in one
+writer thread. A blob that is missing or fails authentication fails only
+the files that need it; everything else is restored and the failures are
+listed.
+
+Durability: like cp or tar, a restore leaves the data in the page cache for
+the kernel to write back; it does not fsync (design.md §Trees).
 """
 
 from __future__ import annotations
@@ -22,8 +33,9 @@ import contextlib
 import os
 import shutil
 import stat
+import sys
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,9 +55,9 @@ from agent.tree import (
 )
 from core.chunkid import IdHasher
 from core.clock import SYSTEM, Clock
-from core.envelope import SealingKey, key_id_of, open_
+from core.envelope import OVERHEAD, SealingKey, open_, open_into
 from core.errors import ClawbackError, IntegrityError, KeyMaterialError, UsageError
-from core.format import RepoConfig
+from core.format import ENVELOPE_KEY_ID, RepoConfig
 from core.keys import KeyProvider
 from core.tree import decode_tree
 from protos.clawback.v1 import common_pb2, repo_pb2
@@ -53,12 +65,19 @@ from protos.clawback.v1 import common_pb2, repo_pb2
 DATA = common_pb2.BLOB_TYPE_DATA
 TREE = common_pb2.BLOB_TYPE_TREE
 
-WINDOW_BYTES = 8 * 1024 * 1024  # unique plaintext fetched per content window
-WINDOW_FILES = 128  # files touched per window (each holds an fd until finished)
-TREE_BATCH = 64  # tree blobs per download request
-BLOB_CACHE_BYTES = 16 * 1024 * 1024  # recently used plaintexts kept across windows
+INFLIGHT_BATCHES = 4  # groups of content blobs being opened or written at once
+ARENA_BYTES = 8 * 1024 * 1024  # plaintext per group: one reused buffer each
+READ_AHEAD = 8  # DownloadResponses (~1 MiB each) received ahead of the workers
+# While restoring, the GIL is handed over every 0.5 ms instead of Python's 5 ms: the writer
+# thread releases it for every system call and would otherwise wait up to 5 ms to get it
+# back from a thread busy in Python (docs/performance.md).
+SWITCH_INTERVAL = 0.0005
+FALLBACK_BATCH = 4 * 1024 * 1024  # envelope bytes per batch from a client without batches
+MAX_OPEN_FILES = 256  # partly written files whose descriptors stay open between their blobs
 MAX_IDLE_DIR_FDS = 64
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_REOPEN_FLAGS = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 Rel = tuple[bytes, ...]
 
@@ -140,25 +159,24 @@ class _DirFds:
 
 
 class _File:
-    """A file whose content is being restored."""
+    """A file whose content is being restored (touched by the writer thread only)."""
 
-    __slots__ = ("dfd", "errors", "failed", "fd", "node", "offsets", "rel", "remaining", "tmp")
+    __slots__ = ("dfd", "errors", "failed", "fd", "node", "rel", "remaining", "tmp", "truncate")
 
     def __init__(self, rel: Rel, node: repo_pb2.Node) -> None:
         self.rel = rel
         self.node = node
         self.fd: int | None = None
-        self.dfd = -1  # its directory's fd, held (acquired) from open until finished
-        self.tmp = b""
+        self.dfd = -1  # its directory's fd, held (acquired) while fd is open and until finished
+        self.tmp = b""  # the name it was created under: its own, or a temporary one (overwrite)
         self.failed = ""
         self.errors: list[str] = []
-        self.remaining = len(node.content)
-        offs = []
-        off = 0
-        for s in node.content_sizes:
-            offs.append(off)
-            off += s
-        self.offsets = offs
+        self.remaining = 0  # blobs still to write (set by the plan)
+        self.truncate = False
+
+
+_Use = tuple[_File, int, int, int]  # file, chunk index, offset, size
+_Downloaded = tuple[bytes, int, bytes | memoryview | None, str]  # id, type, envelope, error
 
 
 class _Restore:
@@ -187,13 +205,22 @@ class _Restore:
         self.pool = ThreadPoolExecutor(
             max_workers=self.workers, thread_name_prefix="clawback-restore"
         )
+        # All file-system work of stages 2-5 happens in this one thread: no locks around the
+        # directory fds and the per-file state, and the kernel serializes it anyway.
+        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clawback-restore-w")
         self.keyring: dict[bytes, SealingKey] = {}
         self.key_errors: dict[bytes, str] = {}
         self.result = RestoreResult()
         self.reporter = ProgressReporter(on_progress, clock)
         self.p = self.reporter.p
-        self.cache: OrderedDict[bytes, bytes] = OrderedDict()
-        self.cache_bytes = 0
+        self.fds = _DirFds(-1)  # replaced by the target's, in run()
+        self.uses: dict[bytes, list[_Use]] = {}  # blobs still to write, and where
+        self.sizes: dict[bytes, int] = {}  # each content blob's plaintext size, from the trees
+        self.arenas: list[bytearray] = []  # idle plaintext buffers of content batches
+        self.open_files: OrderedDict[_File, None] = OrderedDict()  # partly written, fd open
+        self.restored: dict[tuple[int, int], Rel] = {}  # (device, inode) -> first restored path
+        self.tmp_prefix = os.urandom(6).hex().encode()
+        self.tmp_seq = 0
         # The plan, filled by stage 1.
         self.dirs: list[tuple[Rel, repo_pb2.Node]] = []  # breadth first: parents before children
         self.entries: dict[Rel, list[repo_pb2.Node]] = {}  # a directory's non-dir children
@@ -237,51 +264,145 @@ class _Restore:
             )
         return key
 
-    def _open_blob(self, blob_id: bytes, btype: int, envelope: bytes) -> bytes:
+    def _open_blob(self, blob_id: bytes, btype: int, envelope: bytes | memoryview) -> bytes:
         """Thread: authenticate, decrypt, decompress, and re-derive the id (design.md §Blob envelope)."""
         plain = open_(self._lookup, blob_id, btype, envelope)
         if self.hasher.blob_id(plain) != blob_id:
             raise IntegrityError(f"blob {blob_id.hex()[:16]}: content does not match its id")
         return plain
 
+    async def _download(self, ids: Sequence[bytes]) -> AsyncIterator[list[_Downloaded]]:
+        """Sealed blobs in batches: the client's raw DownloadResponses where it offers them
+        (agent/client.py `download_batches`: envelopes are views, no per-blob objects)."""
+        batches = getattr(self.repo, "download_batches", None)
+        if batches is not None:
+            async for raw in batches(self.job_id, ids):
+                yield raw
+            return
+        batch: list[_Downloaded] = []
+        size = 0
+        async for blob in self.repo.download(self.job_id, list(ids)):
+            batch.append((blob.id, blob.type, blob.envelope, blob.error))
+            size += len(blob.envelope or b"") + 64
+            if size >= FALLBACK_BATCH:
+                yield batch
+                batch, size = [], 0
+        if batch:
+            yield batch
+
+    async def _read_ahead(
+        self, ids: Sequence[bytes], incoming: asyncio.Queue[list[_Downloaded] | None]
+    ) -> None:
+        """Receive batches of `ids` into `incoming` (bounded), then None, also after a failure
+        (whose error is this task's)."""
+        try:
+            async for batch in self._download(ids):
+                await self._load_batch_keys(batch)
+                await incoming.put(batch)
+        except asyncio.CancelledError:
+            raise
+        except BaseException:
+            await incoming.put(None)
+            raise
+        await incoming.put(None)
+
+    async def _load_batch_keys(self, batch: list[_Downloaded]) -> None:
+        """Unwrap the data keys a batch names that are not loaded yet (usually none: the
+        snapshot lists its keys and they are loaded first)."""
+        need: set[bytes] = set()
+        for _, _, env, _ in batch:
+            if env is not None and len(env) >= OVERHEAD:
+                kid = bytes(env[ENVELOPE_KEY_ID])
+                if kid not in self.keyring and kid not in self.key_errors:
+                    need.add(kid)
+        if need:
+            await self._load_keys(need)
+
+    def _groups(self, batch: list[_Downloaded]) -> Iterator[tuple[list[_Downloaded], int]]:
+        """A batch cut into groups of at most ARENA_BYTES of plaintext (by the sizes the trees
+        give), with the bytes each needs: memory stays bounded however well blobs compress."""
+        sizes = self.sizes
+        group: list[_Downloaded] = []
+        need = 0
+        for blob in batch:
+            size = sizes.get(blob[0], 0)
+            if group and need + size > ARENA_BYTES:
+                yield group, need
+                group, need = [], 0
+            group.append(blob)
+            need += size
+        if group:
+            yield group, need
+
+    def _arena(self, need: int) -> bytearray:
+        """An idle plaintext buffer of at least `need` bytes (reused: its pages are touched once)."""
+        for i, arena in enumerate(self.arenas):
+            if len(arena) >= need:
+                return self.arenas.pop(i)
+        if self.arenas:
+            self.arenas.pop(0)  # too small: let it go rather than keep one more
+        return bytearray(max(need, ARENA_BYTES))
+
+    def _open_into(
+        self, group: list[_Downloaded], arena: bytearray
+    ) -> list[tuple[bytes, bytes | memoryview | ClawbackError]]:
+        """Thread: open content blobs into `arena`, each at its own offset; a blob maps to a
+        view of its plaintext or the error that stopped it (design.md §Blob envelope)."""
+        out: list[tuple[bytes, bytes | memoryview | ClawbackError]] = []
+        view = memoryview(arena)
+        sizes, lookup, blob_id = self.sizes, self._lookup, self.hasher.blob_id
+        off = 0
+        for bid, _, env, err in group:
+            if err or env is None:
+                out.append((bid, IntegrityError(f"blob {bid.hex()[:16]}: {err or 'no data'}")))
+                continue
+            size = sizes.get(bid)
+            try:
+                if size is None:  # not asked for: opened the ordinary way (and then ignored)
+                    out.append((bid, self._open_blob(bid, DATA, env)))
+                    continue
+                n = open_into(lookup, bid, DATA, env, view[off : off + size])
+                plain = view[off : off + n]
+                if blob_id(plain) != bid:
+                    raise IntegrityError(f"blob {bid.hex()[:16]}: content does not match its id")
+            except ClawbackError as exc:
+                out.append((bid, exc))
+                continue
+            out.append((bid, plain))
+            off += n
+        return out
+
+    def _open_batch(
+        self, batch: list[_Downloaded], btype: int
+    ) -> list[tuple[bytes, bytes | ClawbackError]]:
+        """Thread: open each blob of a batch; a blob maps to its plaintext or the error that stopped it."""
+        out: list[tuple[bytes, bytes | ClawbackError]] = []
+        for bid, _, env, err in batch:
+            if err or env is None:
+                out.append((bid, IntegrityError(f"blob {bid.hex()[:16]}: {err or 'no data'}")))
+                continue
+            try:
+                out.append((bid, self._open_blob(bid, btype, env)))
+            except ClawbackError as exc:
+                out.append((bid, exc))
+        return out
+
     async def fetch(self, ids: Sequence[bytes], btype: int) -> dict[bytes, bytes | ClawbackError]:
         """Download, open and verify `ids`; each maps to its plaintext or the error that stopped it."""
         out: dict[bytes, bytes | ClawbackError] = {}
         if not ids:
             return out
-        envs: list[tuple[bytes, bytes]] = []
-        key_ids: set[bytes] = set()
+        batches: list[list[_Downloaded]] = []
+        async for batch in self._download(ids):
+            await self._load_batch_keys(batch)
+            batches.append(batch)
         wanted = set(ids)
-        async for blob in self.repo.download(self.job_id, list(ids)):
-            if blob.id not in wanted or blob.id in out:
-                continue
-            if blob.error or blob.envelope is None:
-                out[blob.id] = IntegrityError(
-                    f"blob {blob.id.hex()[:16]}: {blob.error or 'no data'}"
-                )
-                continue
-            try:
-                key_ids.add(key_id_of(blob.envelope))
-            except IntegrityError as exc:
-                out[blob.id] = exc
-                continue
-            envs.append((blob.id, blob.envelope))
-        await self._load_keys(key_ids)
-
-        def open_all(batch: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes | ClawbackError]]:
-            res: list[tuple[bytes, bytes | ClawbackError]] = []
-            for bid, env in batch:
-                try:
-                    res.append((bid, self._open_blob(bid, btype, env)))
-                except ClawbackError as exc:
-                    res.append((bid, exc))
-            return res
-
-        n = self.workers
-        slices = [envs[i::n] for i in range(n) if envs[i::n]]
-        envs = []
-        for part in await asyncio.gather(*(self.run_cpu(open_all, s) for s in slices)):
-            out.update(part)
+        for part in await asyncio.gather(
+            *(self.run_cpu(self._open_batch, b, btype) for b in batches)
+        ):
+            for bid, data in part:
+                if bid in wanted and bid not in out:
+                    out[bid] = data
         for bid in ids:
             if bid not in out:
                 out[bid] = IntegrityError(f"blob {bid.hex()[:16]}: not returned by the coordinator")
@@ -310,10 +431,9 @@ class _Restore:
         level: list[tuple[Rel, repo_pb2.Node]] = [((), root)]
         found: set[Rel] = set()
         while level:
+            # A whole level in one request: one round trip per level of the tree.
             ids = list(dict.fromkeys(i for _, n in level for i in n.subtree))
-            blobs: dict[bytes, bytes | ClawbackError] = {}
-            for i in range(0, len(ids), TREE_BATCH):
-                blobs.update(await self.fetch(ids[i : i + TREE_BATCH], TREE))
+            blobs = await self.fetch(ids, TREE)
             nxt: list[tuple[Rel, repo_pb2.Node]] = []
             for rel, node in level:
                 kids: list[repo_pb2.Node] = []
@@ -372,6 +492,9 @@ class _Restore:
         files: list[_File] = []
         links: list[tuple[Rel, repo_pb2.Node]] = []
         primaries: set[tuple[int, int]] = set()
+        # Directories this restore created are empty: their entries need no check for an
+        # existing entry (one that appears meanwhile still fails its exclusive create).
+        fresh: set[Rel] = {()} if self.created_target else set()
         for rel, _node in self.dirs:
             if rel:
                 if rel[:-1] in self.failed_dirs:
@@ -384,9 +507,12 @@ class _Restore:
                     self.error(f"{_show(rel)}: {exc.strerror}")
                     continue
                 try:
-                    if self._clear(pfd, rel[-1], rel, want_dir=True):
-                        with contextlib.suppress(FileExistsError):
+                    if rel[:-1] in fresh or self._clear(pfd, rel[-1], rel, want_dir=True):
+                        try:
                             os.mkdir(rel[-1], 0o700, dir_fd=pfd)
+                            fresh.add(rel)
+                        except FileExistsError:
+                            pass
                     else:
                         self.failed_dirs.add(rel)
                 except OSError as exc:
@@ -402,6 +528,7 @@ class _Restore:
                 self.failed_dirs.add(rel)
                 self.error(f"{_show(rel)}: cannot open directory: {exc.strerror}")
                 continue
+            empty = rel in fresh
             try:
                 for node in self.entries.get(rel, ()):
                     crel = (*rel, node.name)
@@ -412,27 +539,28 @@ class _Restore:
                                 links.append((crel, node))
                                 continue
                             primaries.add(key)
-                        try:
-                            if not self._clear(dfd, node.name, crel, want_dir=False):
+                        if not empty:
+                            try:
+                                if not self._clear(dfd, node.name, crel, want_dir=False):
+                                    continue
+                            except OSError as exc:
+                                self.error(f"{_show(crel)}: {exc.strerror}")
                                 continue
-                        except OSError as exc:
-                            self.error(f"{_show(crel)}: {exc.strerror}")
-                            continue
                         files.append(_File(crel, node))
                     else:
-                        self._make_special(dfd, crel, node)
+                        self._make_special(dfd, crel, node, empty)
             finally:
                 fds.release(rel)
         return files, links
 
-    def _make_special(self, dfd: int, rel: Rel, node: repo_pb2.Node) -> None:
+    def _make_special(self, dfd: int, rel: Rel, node: repo_pb2.Node, empty: bool) -> None:
         name = rel[-1]
         kind = node.type
         if kind in (CHARDEV, BLOCKDEV) and not self.is_root:
             self.result.skipped.append(f"{_show(rel)}: device not recreated (needs root)")
             return
         try:
-            if not self._clear(dfd, name, rel, want_dir=False):
+            if not empty and not self._clear(dfd, name, rel, want_dir=False):
                 return
             if kind == SYMLINK:
                 os.symlink(node.link_target, name, dir_fd=dfd)
@@ -470,113 +598,159 @@ class _Restore:
 
     # -- stage 3: content --------------------------------------------------------------------
 
-    def _windows(self, files: list[_File]) -> Iterator[list[tuple[_File, int, int]]]:
-        """Windows of (file, first chunk, end chunk) with about WINDOW_BYTES of unique blobs."""
-        win: list[tuple[_File, int, int]] = []
-        uniq: set[bytes] = set()
-        size = 0
+    def _plan(self, files: list[_File]) -> tuple[list[bytes], dict[bytes, list[_Use]]]:
+        """Thread: every unique blob in file order, and where each one goes (also the size
+        the tree gives each blob, in `self.sizes`)."""
+        order: list[bytes] = []
+        uses: dict[bytes, list[_Use]] = {}
+        sizes = self.sizes
         for f in files:
-            content, sizes = f.node.content, f.node.content_sizes
-            start = 0
-            i = 0
-            n = len(content)
-            while i < n:
-                cid = content[i]
-                if cid not in uniq:
-                    uniq.add(cid)
-                    size += sizes[i]
-                i += 1
-                if size >= WINDOW_BYTES:
-                    win.append((f, start, i))
-                    yield win
-                    win, uniq, size, start = [], set(), 0, i
-            if start < n or n == 0:
-                win.append((f, start, n))
-            if len(win) >= WINDOW_FILES:
-                yield win
-                win, uniq, size = [], set(), 0
-        if win:
-            yield win
+            node = f.node
+            off = 0
+            for i, (cid, size) in enumerate(zip(node.content, node.content_sizes, strict=True)):
+                u = uses.get(cid)
+                if u is None:
+                    uses[cid] = u = []
+                    order.append(cid)
+                    sizes[cid] = size
+                u.append((f, i, off, size))
+                off += size
+            f.remaining = len(node.content)
+            # Trailing holes, or sizes that do not add up: ftruncate sets the recorded size.
+            f.truncate = node.sparse or off != node.size
+        return order, uses
 
-    def _cache_put(self, bid: bytes, data: bytes) -> None:
-        if len(data) > BLOB_CACHE_BYTES // 4 or bid in self.cache:
-            return
-        self.cache[bid] = data
-        self.cache_bytes += len(data)
-        while self.cache_bytes > BLOB_CACHE_BYTES:
-            _, old = self.cache.popitem(last=False)
-            self.cache_bytes -= len(old)
+    def _create(self, f: _File) -> int | None:
+        """Writer: create the file in its directory; None (and f.failed) on error.
 
-    @staticmethod
-    def _open_tmp(f: _File) -> None:
-        """Create the file under a temporary name in its directory (f.dfd); sets f.fd or f.failed."""
-        for _ in range(8):
-            tmp = b".clawback-restore-" + os.urandom(8).hex().encode()
+        Without overwrite it is created under its own name, exclusively (O_EXCL|O_NOFOLLOW:
+        an entry that appeared since stage 2 is never clobbered or followed), and removed
+        again if it fails. With overwrite it is written under a temporary name and renamed
+        over the old entry when complete, so the old entry stays intact until then."""
+        if f.dfd < 0:
             try:
-                f.fd = os.open(
-                    tmp,
-                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                    0o600,
-                    dir_fd=f.dfd,
-                )
-                f.tmp = tmp
-                return
+                f.dfd = self.fds.acquire(f.rel[:-1])
+            except OSError as exc:
+                f.failed = f"cannot open its directory: {exc.strerror}"
+                return None
+        for _ in range(8):
+            if self.overwrite:
+                self.tmp_seq += 1
+                name = b".clawback-restore-%s-%d" % (self.tmp_prefix, self.tmp_seq)
+            else:
+                name = f.rel[-1]
+            try:
+                fd = os.open(name, _CREATE_FLAGS, 0o600, dir_fd=f.dfd)
             except FileExistsError:
+                if not self.overwrite:
+                    f.failed = "already exists in the target (use overwrite)"
+                    return None
                 continue
             except OSError as exc:
                 f.failed = f"cannot create: {exc.strerror}"
-                return
+                return None
+            f.tmp, f.fd = name, fd
+            return fd
         f.failed = "cannot pick a temporary name"
+        return None
 
-    @staticmethod
-    def _write_part(
-        f: _File,
-        first: int,
-        end: int,
-        blobs: dict[bytes, bytes | ClawbackError],
-        zero: dict[bytes, bool],
-    ) -> None:
-        """Thread: write chunks [first, end) of a file; a missing blob fails the file."""
-        if f.failed:
-            return
-        node, fd = f.node, f.fd
-        assert fd is not None
-        sparse = node.sparse
-        try:
-            for i in range(first, end):
-                cid = node.content[i]
-                data = blobs[cid]
-                if isinstance(data, ClawbackError):
-                    f.failed = str(data)
-                    return
-                if len(data) != node.content_sizes[i]:
-                    f.failed = f"chunk {i} has {len(data)} bytes where the tree says {node.content_sizes[i]}"
-                    return
-                if sparse:
-                    z = zero.get(cid)
-                    if z is None:
-                        z = zero[cid] = not data or (data[0] == 0 and data == bytes(len(data)))
-                    if z:
-                        continue  # leave a hole (design.md §Trees: sparse)
-                view = memoryview(data)
-                off = f.offsets[i]
-                while view:
-                    w = os.pwrite(fd, view, off)
-                    view, off = view[w:], off + w
-        except OSError as exc:
-            f.failed = f"write error: {exc.strerror}"
+    def _fd(self, f: _File) -> int | None:
+        """Writer: the file's descriptor, creating the file or reopening it (after it was parked)."""
+        if f.fd is not None:
+            self.open_files.move_to_end(f)
+            return f.fd
+        if not f.tmp:
+            fd = self._create(f)
+        else:
+            try:
+                f.dfd = self.fds.acquire(f.rel[:-1])
+                fd = f.fd = os.open(f.tmp, _REOPEN_FLAGS, dir_fd=f.dfd)
+            except OSError as exc:
+                f.failed = f"cannot reopen: {exc.strerror}"
+                return None
+        if fd is not None and f.remaining > 1:
+            # More blobs are coming: keep it open, within the budget of descriptors.
+            self.open_files[f] = None
+            if len(self.open_files) > MAX_OPEN_FILES:
+                self._park(next(iter(self.open_files)))
+        return fd
+
+    def _park(self, f: _File) -> None:
+        """Writer: close a partly written file and let go of its directory until its next blob."""
+        self.open_files.pop(f, None)
+        if f.fd is not None:
+            os.close(f.fd)
+            f.fd = None
+        if f.dfd >= 0:
+            f.dfd = -1
+            self.fds.release(f.rel[:-1])
+
+    def _write_blobs(self, blobs: list[tuple[bytes, bytes | memoryview | ClawbackError]]) -> None:
+        """Writer: put each opened blob everywhere the plan says, finishing files as they complete.
+        A blob that failed fails every file that needs it."""
+        uses = self.uses
+        done = 0
+        for cid, data in blobs:
+            targets = uses.pop(cid, None)
+            if targets is None:
+                continue  # not asked for, or already written
+            zero: bool | None = None
+            buf: bytes | memoryview
+            if isinstance(data, ClawbackError):
+                failed, buf = str(data), b""
+            else:
+                failed, buf = "", data
+            n = len(buf)
+            for f, i, off, size in targets:
+                if not f.failed:
+                    if failed:
+                        f.failed = failed
+                    elif n != size:
+                        f.failed = f"chunk {i} has {n} bytes where the tree says {size}"
+                    elif size:
+                        if f.node.sparse:
+                            if zero is None:
+                                zero = buf[0] == 0 and buf == bytes(size)
+                            hole = zero
+                        else:
+                            hole = False  # a hole is left only in sparse files (design.md §Trees)
+                        fd = None if hole else self._fd(f)
+                        if fd is not None:
+                            try:
+                                w = os.pwrite(fd, buf, off)
+                                if w < size:  # short writes are rare: finish with a view
+                                    view = memoryview(buf)
+                                    while w < size:
+                                        w += os.pwrite(fd, view[w:], off + w)
+                            except OSError as exc:
+                                f.failed = f"write error: {exc.strerror}"
+                done += size
+                f.remaining -= 1
+                if f.remaining == 0:
+                    self._done(f, self._finish_file(f))
+        self.p.bytes_done += done
 
     def _finish_file(self, f: _File) -> bool:
-        """Thread: size, owner, mode, xattrs, times, then move into place. False if the file failed."""
-        node, fd, name, fds_dfd = f.node, f.fd, f.rel[-1], f.dfd
-        if fd is None:
+        """Writer: size, owner, mode, xattrs, times, then move into place. False if the file failed."""
+        self.open_files.pop(f, None)
+        node = f.node
+        if not f.failed and f.fd is None:
+            self._fd(f)  # a file that was all holes (or empty) has not been created yet
+        fd, dfd, name = f.fd, f.dfd, f.rel[-1]
+        if fd is None:  # failed before it was created, or while it was parked
+            if f.tmp:
+                with contextlib.suppress(OSError):
+                    if dfd < 0:
+                        dfd = f.dfd = self.fds.acquire(f.rel[:-1])
+                    os.unlink(f.tmp, dir_fd=dfd)
             return False
         f.fd = None
         try:
             if f.failed:
                 return False
             try:
-                os.ftruncate(fd, node.size)
+                if f.truncate:
+                    os.ftruncate(fd, node.size)
                 if self.is_root:
                     os.fchown(fd, node.uid, node.gid)
                 os.fchmod(fd, node.mode)  # after chown, which clears setuid/setgid
@@ -598,33 +772,27 @@ class _Restore:
             os.close(fd)
             if f.failed:
                 with contextlib.suppress(OSError):
-                    os.unlink(f.tmp, dir_fd=fds_dfd)
+                    os.unlink(f.tmp, dir_fd=dfd)
+        if f.tmp == name:
+            return True  # created under its own name (no overwrite): already in place
         try:
-            if self.overwrite:
-                try:
-                    os.rename(f.tmp, name, src_dir_fd=fds_dfd, dst_dir_fd=fds_dfd)
-                except IsADirectoryError:
-                    shutil.rmtree(name, dir_fd=fds_dfd)
-                    os.rename(f.tmp, name, src_dir_fd=fds_dfd, dst_dir_fd=fds_dfd)
-            else:
-                # link() never replaces: an entry that appeared meanwhile is not clobbered.
-                os.link(f.tmp, name, src_dir_fd=fds_dfd, dst_dir_fd=fds_dfd, follow_symlinks=False)
-                os.unlink(f.tmp, dir_fd=fds_dfd)
-        except FileExistsError:
-            f.failed = "already exists in the target (use overwrite)"
+            try:
+                os.rename(f.tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+            except IsADirectoryError:
+                shutil.rmtree(name, dir_fd=dfd)
+                os.rename(f.tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
         except OSError as exc:
             f.failed = f"cannot move into place: {exc.strerror}"
-        if f.failed:
             with contextlib.suppress(OSError):
-                os.unlink(f.tmp, dir_fd=fds_dfd)
+                os.unlink(f.tmp, dir_fd=dfd)
             return False
         return True
 
-    def _done(self, fds: _DirFds, f: _File, ok: bool, restored: dict[tuple[int, int], Rel]) -> None:
-        """Event loop: account for a finished (or failed) file and let go of its directory fd."""
+    def _done(self, f: _File, ok: bool) -> None:
+        """Writer: account for a finished (or failed) file and let go of its directory fd."""
         if f.dfd >= 0:
             f.dfd = -1
-            fds.release(f.rel[:-1])
+            self.fds.release(f.rel[:-1])
         for e in f.errors:
             self.error(e)
         self.p.files_done += 1
@@ -632,106 +800,89 @@ class _Restore:
             self.result.files += 1
             self.result.bytes += f.node.size
             if f.node.nlink > 1:
-                restored[(f.node.device, f.node.inode)] = f.rel
+                self.restored[(f.node.device, f.node.inode)] = f.rel
         else:
             self.error(f"{_show(f.rel)}: not restored: {f.failed}")
 
-    def _acquire_dir(self, fds: _DirFds, f: _File) -> bool:
-        if f.dfd < 0:
-            try:
-                f.dfd = fds.acquire(f.rel[:-1])
-            except OSError as exc:
-                f.failed = f"cannot open its directory: {exc.strerror}"
-                return False
-        return True
+    def _finish_rest(self) -> None:
+        """Writer: fail the files whose blobs never came back."""
+        for cid in list(self.uses):
+            missing = IntegrityError(f"blob {cid.hex()[:16]}: not returned by the coordinator")
+            self._write_blobs([(cid, missing)])
 
-    async def _window(
-        self, fds: _DirFds, win: list[tuple[_File, int, int]], restored: dict[tuple[int, int], Rel]
-    ) -> None:
-        need: list[bytes] = []
-        blobs: dict[bytes, bytes | ClawbackError] = {}
-        for f, first, end in win:
-            if f.failed:
-                continue
-            for cid in f.node.content[first:end]:
-                if cid in blobs:
+    def _abandon(self, files: list[_File]) -> None:
+        """Writer, after a failure that stops the restore: close and remove every partial file."""
+        for f in files:
+            if f.fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(f.fd)
+                f.fd = None
+            if f.tmp and f.remaining > 0:
+                try:
+                    dfd = self.fds.acquire(f.rel[:-1])
+                except OSError:
                     continue
-                hit = self.cache.get(cid)
-                if hit is not None:
-                    self.cache.move_to_end(cid)
-                    blobs[cid] = hit
-                else:
-                    blobs[cid] = b""
-                    need.append(cid)
-        fetched = await self.fetch(need, DATA)
-        blobs.update(fetched)
-        for cid, data in fetched.items():
-            if isinstance(data, bytes):
-                self._cache_put(cid, data)
-        # A file wholly inside this window is created, written and finished by one thread call;
-        # a file spread over several windows is opened here once and finished by the last one.
-        whole: list[_File] = []
-        parts: list[tuple[_File, int, int]] = []
-        for f, a, b in win:
-            if a == 0 and b == len(f.node.content):
-                if self._acquire_dir(fds, f):
-                    whole.append(f)
-                else:
-                    self._done(fds, f, False, restored)
-                continue
-            if f.fd is None and not f.failed and self._acquire_dir(fds, f):
-                self._open_tmp(f)
-            parts.append((f, a, b))
-        zero: dict[bytes, bool] = {}
+                with contextlib.suppress(OSError):
+                    os.unlink(f.tmp, dir_fd=dfd)
+                self.fds.release(f.rel[:-1])
+        self.open_files.clear()
 
-        def work(items: list[tuple[_File, int, int]], files: list[_File]) -> list[bool]:
-            for f, a, b in items:
-                if f.fd is not None:
-                    self._write_part(f, a, b, blobs, zero)
-            oks = []
-            for f in files:
-                self._open_tmp(f)
-                if f.fd is not None:
-                    self._write_part(f, 0, len(f.node.content), blobs, zero)
-                oks.append(self._finish_file(f))
-            return oks
+    async def restore_content(self, files: list[_File]) -> None:
+        """Download every blob once, in the order the coordinator returns them (pack order), and
+        write it wherever the plan needs it: opening (decrypt, decompress, id check) runs in the
+        worker threads, all file-system work in the writer thread."""
+        loop = asyncio.get_running_loop()
 
-        n = self.workers
-        jobs = [(parts[i::n], whole[i::n]) for i in range(n) if parts[i::n] or whole[i::n]]
-        results = await asyncio.gather(*(self.run_cpu(work, a, b) for a, b in jobs))
-        for (_, files), oks in zip(jobs, results, strict=True):
-            for f, ok in zip(files, oks, strict=True):
-                self.p.bytes_done += f.node.size
-                self._done(fds, f, ok, restored)
-        for f, a, b in parts:
-            f.remaining -= b - a
-            self.p.bytes_done += sum(f.node.content_sizes[a:b])
-            if f.remaining == 0:
-                ok = await self.run_cpu(self._finish_file, f)
-                self._done(fds, f, ok, restored)
-        self.progress()
+        order, self.uses = await self.run_cpu(self._plan, files)
+        empty = [f for f in files if not f.node.content]
+        if empty:
+            await loop.run_in_executor(self.writer, self._finish_empty, empty)
+        slots = asyncio.Semaphore(INFLIGHT_BATCHES)
+        # Messages are received ahead of the workers, so the coordinator keeps streaming while
+        # they are busy (a stream that is not read stalls on gRPC's flow control).
+        incoming: asyncio.Queue[list[_Downloaded] | None] = asyncio.Queue(READ_AHEAD)
+        pending: set[asyncio.Future[None]] = set()
+        failures: list[BaseException] = []
 
-    async def restore_content(
-        self, fds: _DirFds, files: list[_File], restored: dict[tuple[int, int], Rel]
-    ) -> None:
-        windows = self._windows(files)
+        async def process(group: list[_Downloaded], need: int) -> None:
+            arena = self._arena(need)
+            try:
+                opened = await self.run_cpu(self._open_into, group, arena)
+                await loop.run_in_executor(self.writer, self._write_blobs, opened)
+                del opened  # views into the arena: gone before it is reused
+                self.progress()
+            finally:
+                self.arenas.append(arena)
+                slots.release()
+
+        def settle(task: asyncio.Future[None]) -> None:
+            pending.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                failures.append(task.exception())  # type: ignore[arg-type]
+
+        reader = asyncio.ensure_future(self._read_ahead(order, incoming))
         try:
+            while (batch := await incoming.get()) is not None:
+                for group, need in self._groups(batch):
+                    await slots.acquire()
+                    if failures:
+                        slots.release()
+                        raise failures[0]
+                    task = asyncio.ensure_future(process(group, need))
+                    pending.add(task)
+                    task.add_done_callback(settle)
+            await reader  # its error, if it failed
+            await asyncio.gather(*pending)
+            await loop.run_in_executor(self.writer, self._finish_rest)
+        except BaseException:
+            reader.cancel()
+            await asyncio.gather(reader, *pending, return_exceptions=True)
+            await loop.run_in_executor(self.writer, self._abandon, files)
+            raise
 
-            async def task() -> None:
-                for win in windows:
-                    await self._window(fds, win, restored)
-
-            async with asyncio.TaskGroup() as tg:
-                # Two windows per thread: one downloads while the other is opened and written.
-                for _ in range(self.workers * 2):
-                    tg.create_task(task())
-        finally:
-            for f in files:  # only after a failure: close what is still open
-                if f.fd is not None:
-                    with contextlib.suppress(OSError):
-                        os.close(f.fd)
-                    with contextlib.suppress(OSError):
-                        os.unlink(f.tmp, dir_fd=f.dfd)
+    def _finish_empty(self, files: list[_File]) -> None:
+        for f in files:
+            self._done(f, self._finish_file(f))
 
     # -- stage 4: hard links, stage 5: directory metadata -----------------------------------------
 
@@ -803,24 +954,33 @@ class _Restore:
     # -- the run ---------------------------------------------------------------------------------
 
     async def run(self) -> RestoreResult:
+        previous = sys.getswitchinterval()
+        sys.setswitchinterval(min(previous, SWITCH_INTERVAL))
+        try:
+            return await self._run()
+        finally:
+            sys.setswitchinterval(previous)
+
+    async def _run(self) -> RestoreResult:
+        loop = asyncio.get_running_loop()
         try:
             await self._load_keys(set(self.snapshot.key_ids))
             await self.load_trees()
             self.progress(force=True)
             top = await asyncio.to_thread(self._open_target)
-            fds = _DirFds(top)
+            self.fds = fds = _DirFds(top)
             try:
-                files, links = await self.run_cpu(self.make_structure, fds)
+                files, links = await loop.run_in_executor(self.writer, self.make_structure, fds)
                 self.result.dirs = len(self.dirs) - len(self.failed_dirs)
-                restored: dict[tuple[int, int], Rel] = {}
-                await self.restore_content(fds, files, restored)
-                await self.run_cpu(self.make_links, fds, links, restored)
-                await self.run_cpu(self.dir_metadata, fds)
+                await self.restore_content(files)
+                await loop.run_in_executor(self.writer, self.make_links, fds, links, self.restored)
+                await loop.run_in_executor(self.writer, self.dir_metadata, fds)
             finally:
-                fds.close_all()
+                await loop.run_in_executor(self.writer, fds.close_all)
                 os.close(top)
         finally:
             self.pool.shutdown(wait=False, cancel_futures=True)
+            self.writer.shutdown(wait=False, cancel_futures=True)
             self.keyring.clear()
         self.progress(force=True)
         return self.result

@@ -13,6 +13,7 @@ from core.tls import TlsFiles
 from core.vault import VaultSettings, load_vault_settings
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+DEFAULT_DIRECT_IO = True
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,9 @@ class RepositorySettings:
     backend: str  # "local" in v1
     path: Path
     pack_size_mib: int
+    # Pack files are written and read back with O_DIRECT, bypassing the page cache
+    # (docs/performance.md §O_DIRECT pack files).
+    direct_io: bool = DEFAULT_DIRECT_IO
 
     @property
     def pack_size(self) -> int:
@@ -98,6 +102,7 @@ def load_config(path: str | Path) -> CoordinatorConfig:
         backend=repo_t.str("backend", "local", choices=("local",)),
         path=repo_t.path("path", None) or data_dir / "repo",
         pack_size_mib=repo_t.int("pack_size_mib", 32, min=1, max=1024),
+        direct_io=repo_t.bool("direct_io", DEFAULT_DIRECT_IO),
     )
     repo_t.done()
 

@@ -49,7 +49,7 @@ def open_store(config: CoordinatorConfig) -> Any:
 
     for d in (config.data_dir, config.repository.path, config.catalog.path.parent):
         d.mkdir(mode=0o700, parents=True, exist_ok=True)
-    backend = LocalBackend(config.repository.path)
+    backend = LocalBackend(config.repository.path, direct_io=config.repository.direct_io)
     catalog = SqliteCatalog(config.catalog.path)
     return BlobStore(backend, catalog, pack_size=config.repository.pack_size, clock=SYSTEM)
 

@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 import blake3
 
-from coordinator.storage import Backend
+from coordinator.storage import DIRECT_ALIGN, Backend
 from core.errors import ClawbackError, IntegrityError, NotFound, ResourceExhausted
 
 HEADER_MAGIC = b"CBPH"
@@ -42,12 +42,11 @@ TAIL_GUESS = 64 * 1024  # first ranged read of a pack's end: usually holds the w
 READ_WINDOW = 8 * 1024 * 1024  # largest single read when fetching runs of envelopes
 READ_GAP = 64 * 1024  # envelopes this close together are fetched in one read
 _ZERO3 = b"\0\0\0"
-# Pack writes bypass the page cache (O_DIRECT) through reused aligned buffers: a pack is
-# written once and read rarely, and filling fresh page cache costs more CPU than the write.
-# Filesystems that refuse O_DIRECT fall back to ordinary buffered writes.
-DIRECT_IO = hasattr(os, "O_DIRECT")
+# With the backend's `direct_io` (coordinator config `[repository] direct_io`), pack writes
+# bypass the page cache (O_DIRECT) through reused aligned buffers: a pack is written once and
+# read rarely, and filling fresh page cache costs more CPU than the write. Filesystems that
+# refuse O_DIRECT fall back to ordinary buffered writes.
 DIRECT_BUFFER = 4 * 1024 * 1024  # bytes per O_DIRECT write; a multiple of DIRECT_ALIGN
-DIRECT_ALIGN = 4096
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 _buffers: list[mmap.mmap] = []  # idle aligned buffers, reused so their pages are touched once
 _buffers_lock = threading.Lock()
@@ -136,6 +135,7 @@ class PackWriter:
     """
 
     def __init__(self, backend: Backend, direct: bool | None = None) -> None:
+        """`direct` overrides the backend's `direct_io` setting (tests)."""
         self._backend = backend
         fd, name = tempfile.mkstemp(prefix="pack-", suffix=".tmp", dir=backend.staging_dir())
         self._path = Path(name)
@@ -148,7 +148,7 @@ class PackWriter:
         self._view: memoryview | None = None
         self._fill = 0
         self._direct_ok = False
-        if DIRECT_IO if direct is None else direct:
+        if backend.direct_io if direct is None else direct:
             try:
                 fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | _O_DIRECT)
             except OSError:
@@ -353,9 +353,12 @@ def read_envelopes(
     backend: Backend, path: str, entries: Iterable[PackEntry]
 ) -> Iterator[tuple[PackEntry, bytes]]:
     """Fetch the envelopes of `entries` (one pack) in offset order, coalescing
-    nearby ones into reads of at most READ_WINDOW bytes. An envelope cut short
-    by the end of the file comes back short; a missing pack raises NotFound."""
+    nearby ones into reads of at most READ_WINDOW bytes, all through one open
+    file (`Backend.get_ranges`). An envelope cut short by the end of the file
+    comes back short; a missing pack raises NotFound."""
     todo = sorted(entries, key=lambda e: e.offset)
+    windows: list[tuple[int, int]] = []
+    groups: list[list[PackEntry]] = []
     i = 0
     while i < len(todo):
         start = todo[i].offset
@@ -368,10 +371,15 @@ def read_envelopes(
         ):
             end = max(end, todo[j].offset + todo[j].length)
             j += 1
-        window = backend.get(path, start, end - start)
-        for e in todo[i:j]:
-            yield e, window[e.offset - start : e.offset - start + e.length]
+        windows.append((start, end - start))
+        groups.append(todo[i:j])
         i = j
+    reads = backend.get_ranges(path, windows)
+    for (start, _), group, window in zip(windows, groups, reads, strict=True):
+        # The window is the backend's reused buffer: each envelope is copied out once.
+        for e in group:
+            yield e, bytes(window[e.offset - start : e.offset - start + e.length])
+        window.release()
 
 
 def verify_pack(backend: Backend, pack_id: bytes) -> Iterator[PackProblem]:

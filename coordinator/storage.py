@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import mmap
 import os
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -19,6 +21,47 @@ from core.errors import ClawbackError, NotFound, ResourceExhausted, UsageError
 
 STAGING = "tmp"  # design.md §Repository layout: tmp/ is staging, not repository content
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
+DIRECT_IO_SUPPORTED = hasattr(os, "O_DIRECT")
+DIRECT_ALIGN = 4096  # offsets, lengths and buffers of O_DIRECT transfers are multiples of this
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
+READ_BUFFER = 8 * 1024 * 1024 + 2 * DIRECT_ALIGN  # a read window plus alignment slack
+DIRECT_MIN = 256 * 1024  # smaller ranges are read through the page cache, with readahead hints
+_read_buffers: list[
+    mmap.mmap
+] = []  # idle page-aligned read buffers, reused so their pages are touched once
+_read_buffers_lock = threading.Lock()
+
+
+def _read_fully(fd: int, view: memoryview, offset: int, length: int, *, aligned: bool) -> int:
+    """Read `length` bytes at `offset` into the start of `view`; fewer only at the end of the
+    file. With `aligned` (O_DIRECT) the request is rounded up to whole blocks."""
+    want = length + (-length % DIRECT_ALIGN if aligned else 0)
+    got = 0
+    while got < want:
+        n = os.preadv(fd, [view[got:want]], offset + got)
+        if n == 0:
+            break  # end of file
+        got += n
+        if aligned and got % DIRECT_ALIGN:
+            break  # a short O_DIRECT read: the end of the file
+    return got
+
+
+def _take_read_buffer(size: int) -> mmap.mmap:
+    with _read_buffers_lock:
+        for i, buf in enumerate(_read_buffers):
+            if len(buf) >= size:
+                return _read_buffers.pop(i)
+    return mmap.mmap(-1, max(size, READ_BUFFER))  # anonymous mappings are page-aligned
+
+
+def _give_read_buffer(buf: mmap.mmap) -> None:
+    with _read_buffers_lock:
+        if len(_read_buffers) < 4 and len(buf) <= 2 * READ_BUFFER:
+            _read_buffers.append(buf)
+            return
+    with contextlib.suppress(BufferError):  # a caller still holds a view: left to the GC
+        buf.close()
 
 
 class Backend(Protocol):
@@ -30,6 +73,10 @@ class Backend(Protocol):
     `ClawbackError` naming the path. A path that is absolute, empty or holds
     a '..' or '.' component raises `UsageError`. All calls are safe to retry.
     """
+
+    direct_io: bool
+    """Pack files bypass the page cache (O_DIRECT) when written to staging and when read
+    back by `get_ranges` (coordinator config `[repository] direct_io`)."""
 
     def put(self, path: str, data: bytes) -> None:
         """Store `data` at `path`, atomically (readers see the old file or the
@@ -43,6 +90,12 @@ class Backend(Protocol):
     def get(self, path: str, offset: int = 0, length: int = -1) -> bytes:
         """Read `length` bytes from `offset` (-1: to the end). A range past the
         end of the file returns the bytes that exist (possibly none)."""
+
+    def get_ranges(self, path: str, ranges: Sequence[tuple[int, int]]) -> Iterator[memoryview]:
+        """Read the (offset, length) `ranges` of one file in the order given, opening it once
+        (a pack read: design.md §Packs). Each range yields the bytes that exist, as `get`
+        does. A yielded view is valid only until the generator is resumed: copy what you keep.
+        A missing file raises `NotFound` at the first range."""
 
     def stat(self, path: str) -> int:
         """The size of the file in bytes."""
@@ -86,10 +139,18 @@ def _fsync_dir(path: Path) -> None:
 
 
 class LocalBackend:
-    """A repository in a local directory: temp file, fsync, rename, fsync the directory."""
+    """A repository in a local directory: temp file, fsync, rename, fsync the directory.
 
-    def __init__(self, root: Path) -> None:
+    With `direct_io`, pack files are written (coordinator/pack.py) and read back
+    (`get_ranges`) with O_DIRECT through reused aligned buffers: no page cache is
+    filled on either side, which on this kind of VM costs more CPU than the copy
+    itself (docs/performance.md). Filesystems that refuse O_DIRECT fall back to
+    buffered I/O.
+    """
+
+    def __init__(self, root: Path, *, direct_io: bool = False) -> None:
         self.root = Path(root)
+        self.direct_io = direct_io and DIRECT_IO_SUPPORTED
 
     def __repr__(self) -> str:
         return f"LocalBackend({str(self.root)!r})"
@@ -170,6 +231,56 @@ class LocalBackend:
             raise NotFound(f"{path}: not found in repository") from exc
         except OSError as exc:
             raise _translate(path, exc) from exc
+
+    def get_ranges(self, path: str, ranges: Sequence[tuple[int, int]]) -> Iterator[memoryview]:
+        for offset, length in ranges:
+            if offset < 0 or length < 0:
+                raise UsageError(f"invalid range offset={offset} length={length} for {path}")
+        if not ranges:
+            return
+        target = self._abs(path)
+        try:
+            fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
+        except IsADirectoryError as exc:
+            raise NotFound(f"{path}: not found in repository") from exc
+        except OSError as exc:
+            raise _translate(path, exc) from exc
+        dfd = -1  # the same file opened O_DIRECT, for large ranges
+        buf = _take_read_buffer(max(n for _, n in ranges) + 2 * DIRECT_ALIGN)
+        view = memoryview(buf)
+        try:
+            if self.direct_io:
+                with contextlib.suppress(OSError):
+                    dfd = os.open(target, os.O_RDONLY | os.O_CLOEXEC | _O_DIRECT)
+            # Small ranges (trees, small files) are read through the page cache: the kernel
+            # is told about all of them first, so their disk reads overlap instead of queueing.
+            with contextlib.suppress(OSError):
+                for offset, length in ranges:
+                    if dfd < 0 or length < DIRECT_MIN:
+                        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+            for offset, length in ranges:
+                got, lo = -1, 0
+                if dfd >= 0 and length >= DIRECT_MIN:
+                    lo = offset % DIRECT_ALIGN
+                    try:
+                        got = _read_fully(dfd, view, offset - lo, lo + length, aligned=True)
+                    except OSError as exc:
+                        if exc.errno != errno.EINVAL:
+                            raise _translate(path, exc) from exc
+                        os.close(dfd)  # refused after all (alignment rules): buffered from now on
+                        dfd, lo = -1, 0
+                if got < 0:
+                    try:
+                        got = _read_fully(fd, view, offset, length, aligned=False)
+                    except OSError as exc:
+                        raise _translate(path, exc) from exc
+                yield view[lo : max(lo, min(got, lo + length))]
+        finally:
+            view.release()
+            _give_read_buffer(buf)
+            os.close(fd)
+            if dfd >= 0:
+                os.close(dfd)
 
     def stat(self, path: str) -> int:
         target = self._abs(path)

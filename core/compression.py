@@ -39,11 +39,16 @@ class Compressor:
 _dlocal = threading.local()
 
 
-def decompress(data: bytes | memoryview, max_size: int) -> bytes:
-    """Decompress one zstd frame, refusing output larger than `max_size`."""
+def _decompressor() -> zstandard.ZstdDecompressor:
     d = getattr(_dlocal, "d", None)
     if d is None:
         d = _dlocal.d = zstandard.ZstdDecompressor()
+    return d
+
+
+def decompress(data: bytes | memoryview, max_size: int) -> bytes:
+    """Decompress one zstd frame, refusing output larger than `max_size`."""
+    d = _decompressor()
     try:
         # A frame that declares its size is allocated at that size: check it first.
         declared = zstandard.frame_content_size(data)
@@ -52,5 +57,32 @@ def decompress(data: bytes | memoryview, max_size: int) -> bytes:
                 f"blob declares {declared} bytes, more than the {max_size} allowed"
             )
         return d.decompress(data, max_output_size=max_size)
+    except zstandard.ZstdError as exc:
+        raise IntegrityError(f"blob does not decompress: {exc}") from exc
+
+
+def decompress_into(data: bytes | memoryview, out: memoryview) -> int:
+    """Decompress one zstd frame into `out` and return its length: `decompress` without
+    allocating the output (a restore reuses its buffers). Output that does not fit `out`
+    raises IntegrityError, as does anything but one whole frame."""
+    try:
+        declared = zstandard.frame_content_size(data)
+        if declared > len(out):
+            raise IntegrityError(
+                f"blob declares {declared} bytes, more than the {len(out)} allowed"
+            )
+        want = declared if declared >= 0 else len(out)  # -1: the frame does not say
+        reader = _decompressor().stream_reader(data)
+        n = 0
+        while n < want:
+            got = reader.readinto(out[n:want])
+            if not got:
+                break
+            n += got
+        if declared >= 0 and n != declared:
+            raise IntegrityError(f"blob decompresses to {n} bytes, not the {declared} it declares")
+        if declared < 0 and n == len(out) and reader.read(1):
+            raise IntegrityError(f"blob decompresses to more than the {len(out)} bytes allowed")
+        return n
     except zstandard.ZstdError as exc:
         raise IntegrityError(f"blob does not decompress: {exc}") from exc

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 from collections.abc import Callable
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from core.compression import Compressor, decompress
+from core.compression import Compressor, decompress, decompress_into
 from core.errors import IntegrityError, KeyMaterialError
 from core.format import ENVELOPE_KEY_ID, ID_SIZE, KEY_ID_SIZE, MAX_BLOB_SIZE
 
@@ -74,18 +75,10 @@ def key_id_of(envelope: bytes | memoryview) -> bytes:
     return bytes(envelope[ENVELOPE_KEY_ID])
 
 
-def open_(
-    lookup: Callable[[bytes], SealingKey],
-    blob_id: bytes,
-    blob_type: int,
-    envelope: bytes | memoryview,
-    max_size: int = MAX_BLOB_SIZE,
-) -> bytes:
-    """Authenticate, decrypt and decompress one envelope; `lookup` maps a key id to its key.
-
-    Raises IntegrityError if the envelope was altered, names another blob id or
-    type, or is malformed; KeyMaterialError if its key is not available.
-    """
+def _check_header(
+    blob_id: bytes, blob_type: int, envelope: bytes | memoryview
+) -> tuple[int, bytes, bytes]:
+    """(flags, key id, nonce) of an envelope that is well-formed for `blob_id` and `blob_type`."""
     if len(envelope) < OVERHEAD:
         raise IntegrityError(
             f"blob {blob_id.hex()[:16]}: envelope truncated ({len(envelope)} bytes)"
@@ -99,14 +92,74 @@ def open_(
         raise IntegrityError(
             f"blob {blob_id.hex()[:16]}: type {btype} where {blob_type} was expected"
         )
+    return flags, key_id, nonce
+
+
+def _tampered(blob_id: bytes) -> IntegrityError:
+    return IntegrityError(
+        f"blob {blob_id.hex()[:16]}: authentication failed (damaged, or sealed under another key)"
+    )
+
+
+def open_(
+    lookup: Callable[[bytes], SealingKey],
+    blob_id: bytes,
+    blob_type: int,
+    envelope: bytes | memoryview,
+    max_size: int = MAX_BLOB_SIZE,
+) -> bytes:
+    """Authenticate, decrypt and decompress one envelope; `lookup` maps a key id to its key.
+
+    Raises IntegrityError if the envelope was altered, names another blob id or
+    type, or is malformed; KeyMaterialError if its key is not available.
+    """
+    flags, key_id, nonce = _check_header(blob_id, blob_type, envelope)
     key = lookup(key_id)
     view = memoryview(envelope)
     try:
         body = key._aead.decrypt(nonce, view[HEADER_SIZE:], bytes(view[:HEADER_SIZE]) + blob_id)
     except InvalidTag:
-        raise IntegrityError(
-            f"blob {blob_id.hex()[:16]}: authentication failed (damaged, or sealed under another key)"
-        ) from None
+        raise _tampered(blob_id) from None
     if flags & FLAG_COMPRESSED:
         return decompress(body, max_size)
     return body
+
+
+_scratch = threading.local()  # per thread: the decrypted, still compressed body of open_into
+
+
+def open_into(
+    lookup: Callable[[bytes], SealingKey],
+    blob_id: bytes,
+    blob_type: int,
+    envelope: bytes | memoryview,
+    out: memoryview,
+) -> int:
+    """`open_`, but the plaintext goes into `out` and its length is returned: no buffer is
+    allocated per blob (a restore reuses its buffers; fresh memory is expensive to fault in).
+
+    Raises what `open_` raises; a plaintext longer than `out` is an IntegrityError.
+    """
+    flags, key_id, nonce = _check_header(blob_id, blob_type, envelope)
+    key = lookup(key_id)
+    view = memoryview(envelope)
+    n = len(view) - OVERHEAD
+    aad = bytes(view[:HEADER_SIZE]) + blob_id
+    if flags & FLAG_COMPRESSED:
+        buf: bytearray | None = getattr(_scratch, "buf", None)
+        if buf is None or len(buf) < n:
+            buf = _scratch.buf = bytearray(max(n, 1 << 20))
+        body = memoryview(buf)[:n]
+    elif n > len(out):
+        raise IntegrityError(
+            f"blob {blob_id.hex()[:16]}: {n} bytes, more than the {len(out)} allowed"
+        )
+    else:
+        body = out[:n]
+    try:
+        key._aead.decrypt_into(nonce, view[HEADER_SIZE:], aad, body)
+    except InvalidTag:
+        raise _tampered(blob_id) from None
+    if flags & FLAG_COMPRESSED:
+        return decompress_into(body, out)
+    return n

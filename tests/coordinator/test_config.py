@@ -193,3 +193,27 @@ def test_certificates_from_vault(tmp_path: Path) -> None:
         load_config(write(tmp_path, vault.split("[vault]")[0]))
     with pytest.raises(ConfigError, match=r"tls\.key: has no use"):
         load_config(write(tmp_path, vault.replace('ttl = "12h"', 'key = "k.pem"')))
+
+
+def test_direct_io(tmp_path: Path) -> None:
+    from coordinator.config import DEFAULT_DIRECT_IO
+    from coordinator.main import open_store
+
+    base = f'[coordinator]\ndata_dir = "{tmp_path / "d"}"\n'
+    assert load_config(write(tmp_path, base + TLS)).repository.direct_io is DEFAULT_DIRECT_IO
+    for value in (True, False):
+        cfg = load_config(
+            write(tmp_path, base + f"[repository]\ndirect_io = {str(value).lower()}\n" + TLS)
+        )
+        assert cfg.repository.direct_io is value
+        store = open_store(cfg)
+        try:
+            assert store.backend.direct_io is value  # O_DIRECT is supported where the tests run
+        finally:
+            store.catalog.close()
+    expect_error(
+        tmp_path,
+        base + '[repository]\ndirect_io = "yes"\n' + TLS,
+        "repository.direct_io",
+        "true or false",
+    )

@@ -118,3 +118,18 @@ def test_disk_full_raises_resource_exhausted_and_leaves_nothing(
     # The space is back: writes work again.
     backend.put("after", b"ok")
     assert backend.get("after") == b"ok"
+
+
+def test_get_ranges(backend: Backend) -> None:
+    data = bytes(range(256)) * 40
+    backend.put("x/y", data)
+    ranges = [(100, 20), (0, 10), (len(data) - 5, 100), (len(data) + 10, 5), (3, 0)]
+    got = [bytes(v) for v in backend.get_ranges("x/y", ranges)]
+    assert got == [
+        data[o : o + n] for o, n in ranges
+    ]  # in the order given; past the end: what exists
+    assert list(backend.get_ranges("x/y", [])) == []
+    with pytest.raises(NotFound):
+        list(backend.get_ranges("nope", [(0, 1)]))
+    with pytest.raises(UsageError):
+        list(backend.get_ranges("x/y", [(-1, 1)]))

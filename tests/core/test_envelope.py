@@ -74,3 +74,49 @@ def test_decompression_is_bounded() -> None:
     env = seal(KEY, bid, 1, b"\0" * 2_000_000, ZSTD)
     with pytest.raises(IntegrityError, match="more than the"):
         open_(_lookup, bid, 1, env, max_size=1_000_000)
+
+
+@settings(max_examples=50, deadline=None)
+@given(data=st.binary(max_size=50_000), compress=st.booleans(), slack=st.integers(0, 100))
+def test_open_into_equals_open(data: bytes, compress: bool, slack: int) -> None:
+    from core.envelope import open_into
+
+    bid = os.urandom(32)
+    env = seal(KEY, bid, 1, data, ZSTD if compress else None)
+    out = bytearray(len(data) + slack)
+    n = open_into(_lookup, bid, 1, memoryview(env), memoryview(out))
+    assert bytes(out[:n]) == data == open_(_lookup, bid, 1, env)
+
+
+def test_open_into_refuses_what_open_refuses_and_what_does_not_fit() -> None:
+    from core.envelope import open_into
+
+    bid = os.urandom(32)
+    out = memoryview(bytearray(1 << 20))
+    for compressor in (ZSTD, None):
+        env = seal(KEY, bid, 1, b"payload " * 1000, compressor)
+        with pytest.raises(IntegrityError, match="more than the"):
+            open_into(_lookup, bid, 1, env, out[:7999])
+        bad = bytearray(env)
+        bad[-1] ^= 1
+        with pytest.raises(IntegrityError, match="authentication failed"):
+            open_into(_lookup, bid, 1, bytes(bad), out)
+        with pytest.raises(IntegrityError, match="type"):
+            open_into(_lookup, bid, 2, env, out)
+        with pytest.raises(IntegrityError, match="truncated"):
+            open_into(_lookup, bid, 1, env[:40], out)
+
+
+def test_decompress_into_frames_without_a_declared_size() -> None:
+    import zstandard
+
+    from core.compression import decompress_into
+
+    data = b"abc" * 10_000
+    frame = zstandard.ZstdCompressor(write_content_size=False).compress(data)
+    out = memoryview(bytearray(len(data) + 10))
+    assert bytes(out[: decompress_into(frame, out)]) == data
+    with pytest.raises(IntegrityError, match="more than the"):
+        decompress_into(frame, out[: len(data) - 1])
+    with pytest.raises(IntegrityError, match="does not decompress"):
+        decompress_into(b"not zstd at all", out)
