@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+import queue
+import threading
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +41,94 @@ def encode_upload(job_id: str, blobs: Sequence[Blob]) -> bytes:
             head += b"\x1a" + varint(len(env))
         parts += (b"\x12", varint(len(head) + len(env)), head, env)
     return b"".join(parts)
+
+
+DOWNLOAD_METHOD = "/clawback.v1.AgentService/DownloadBlobs"
+DownloadedBlob = tuple[bytes, int, memoryview | None, str]  # id, type, envelope view, error
+
+
+def _varint_at(buf: bytes, pos: int) -> tuple[int, int]:
+    """The varint at `pos` and the position after it."""
+    b = buf[pos]
+    if b < 0x80:
+        return b, pos + 1
+    n, shift = 0, 0
+    while True:
+        n |= (b & 0x7F) << shift
+        pos += 1
+        if b < 0x80:
+            return n, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+        b = buf[pos]
+
+
+def _skip_field(buf: bytes, pos: int, wire_type: int) -> int:
+    if wire_type == 0:
+        return _varint_at(buf, pos)[1]
+    if wire_type == 1:
+        return pos + 8
+    if wire_type == 2:
+        n, pos = _varint_at(buf, pos)
+        return pos + n
+    if wire_type == 5:
+        return pos + 4
+    raise ValueError(f"unsupported wire type {wire_type}")
+
+
+def decode_download(message: bytes) -> list[DownloadedBlob]:
+    """Parse a DownloadResponse from protobuf wire bytes, as the generated parser would (fields
+    in any order, the last value of a repeated scalar wins, unknown fields skipped), into
+    (id, type, envelope, error) per BlobData; an envelope is a view into `message`, None
+    when the blob carries an error. Malformed bytes raise IntegrityError."""
+    out: list[DownloadedBlob] = []
+    view = memoryview(message)
+    end = len(message)
+    pos = 0
+    try:
+        while pos < end:
+            key, pos = _varint_at(message, pos)
+            if key != 0x0A:  # anything but field 1 (blobs), length-delimited
+                pos = _skip_field(message, pos, key & 7)
+                continue
+            n, pos = _varint_at(message, pos)
+            stop = pos + n
+            if stop > end:
+                raise ValueError("truncated BlobData")
+            bid, btype, env, err = b"", 0, None, ""
+            while pos < stop:
+                key, pos = _varint_at(message, pos)
+                if key == 0x10:
+                    btype, pos = _varint_at(message, pos)
+                    continue
+                if key & 7 != 2:
+                    pos = _skip_field(message, pos, key & 7)
+                    continue
+                n, pos = _varint_at(message, pos)
+                if pos + n > stop:
+                    raise ValueError("truncated field")
+                if key == 0x0A:
+                    bid = message[pos : pos + n]
+                elif key == 0x1A:
+                    env = view[pos : pos + n]
+                elif key == 0x22:
+                    err = str(message[pos : pos + n], "utf-8")
+                pos += n
+            if pos != stop:
+                raise ValueError("BlobData overruns its length")
+            if err:
+                env = None
+            elif env is None:
+                env = view[0:0]  # absent: empty, as protobuf reads it
+            out.append((bid, btype, env, err))
+        if pos != end:
+            raise ValueError("field overruns the message")
+    except (IndexError, ValueError) as exc:
+        raise errors.IntegrityError(
+            f"malformed DownloadResponse from the coordinator: {exc}"
+        ) from None
+    return out
 
 
 log = logging.getLogger("clawback.agent")
@@ -189,11 +279,97 @@ class _Upload:
             await self._result
 
 
-class GrpcRepoClient:
-    """RepoClient (agent/repo.py) over an mTLS channel to the coordinator."""
+class _ThreadUpload:
+    """One client-streaming UploadBlobs call on a synchronous channel, fed from worker threads.
 
-    def __init__(self, channel: grpc.aio.Channel) -> None:
+    `put` encodes and queues a message from any thread, blocking while the
+    queue is full (back-pressure on the sealers, with no event-loop hop per
+    message); grpc's own thread sends. Unlike grpc.aio, whose failed write
+    replaces the server's status with a generic INTERNAL error, the final
+    status here is the coordinator's (e.g. its disk is full).
+    """
+
+    def __init__(self, channel: grpc.Channel, job_id: str) -> None:
+        self._queue: queue.Queue[bytes | None] = queue.Queue(UPLOAD_QUEUE)
+        self._job_id = job_id
+        self._lock = threading.Lock()  # the job id's message goes first
+        method = channel.stream_unary(
+            UPLOAD_METHOD,
+            request_serializer=_passthrough,
+            response_deserializer=agent_pb2.UploadResponse.FromString,
+        )
+        self._call: Any = method.future(self._requests())
+
+    def _requests(self) -> Iterator[bytes]:
+        while (msg := self._queue.get()) is not None:
+            yield msg
+
+    def _offer(self, msg: bytes | None) -> bool:
+        """Queue `msg` unless the call has ended; False if it has."""
+        while not self._call.done():
+            try:
+                self._queue.put(msg, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _result(self) -> UploadStats:
+        try:
+            resp: agent_pb2.UploadResponse = self._call.result()
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, "upload") from exc
+        except grpc.FutureCancelledError:
+            raise errors.TransportError("upload cancelled") from None
+        return UploadStats(
+            resp.blobs_stored, resp.blobs_duplicate, resp.bytes_stored, resp.packs_written
+        )
+
+    def put(self, blobs: Sequence[Blob]) -> None:
+        with self._lock:
+            msg = encode_upload(self._job_id, blobs)
+            if not self._offer(msg):
+                self._result()  # raises the coordinator's error
+                raise errors.TransportError("upload stream ended before all blobs were sent")
+            self._job_id = ""
+
+    async def send(self, blobs: Sequence[Blob]) -> None:
+        await asyncio.to_thread(self.put, blobs)
+
+    async def close(self) -> UploadStats:
+        def finish() -> UploadStats:
+            with self._lock:
+                self._offer(None)
+            return self._result()
+
+        return await asyncio.to_thread(finish)
+
+    async def abort(self) -> None:
+        self._call.cancel()
+
+
+def open_sync_channel(address: str, source: CertSource) -> grpc.Channel:
+    """A synchronous channel with the source's current certificate (for upload streams)."""
+    ca, cert, key = source.current()
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=ca, private_key=key, certificate_chain=cert
+    )
+    options = [*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
+    return grpc.secure_channel(address, creds, options=options)
+
+
+class GrpcRepoClient:
+    """RepoClient (agent/repo.py) over an mTLS channel to the coordinator.
+
+    With `upload_channel` (a synchronous channel to the same coordinator),
+    uploads are `_ThreadUpload`s that worker threads feed directly.
+    """
+
+    def __init__(
+        self, channel: grpc.aio.Channel, upload_channel: grpc.Channel | None = None
+    ) -> None:
         self.channel = channel
+        self.upload_channel = upload_channel
         self.stub = agent_pb2_grpc.AgentServiceStub(channel)
 
     async def missing(self, ids: Sequence[bytes]) -> list[bool]:
@@ -209,18 +385,33 @@ class GrpcRepoClient:
             out.extend(read_bitmap(resp.missing, len(part)))
         return out
 
-    async def open_upload(self, job_id: str) -> _Upload:
+    async def open_upload(self, job_id: str) -> _Upload | _ThreadUpload:
+        if self.upload_channel is not None:
+            return _ThreadUpload(self.upload_channel, job_id)
         return _Upload(self.channel, job_id)
 
     async def download(self, job_id: str, ids: Sequence[bytes]) -> AsyncIterator[Blob]:
+        async for batch in self.download_batches(job_id, ids):
+            for bid, btype, env, err in batch:
+                yield Blob(bid, btype, None if err or env is None else bytes(env), err)
+
+    async def download_batches(
+        self, job_id: str, ids: Sequence[bytes]
+    ) -> AsyncIterator[list[DownloadedBlob]]:
+        """The blobs of `download`, one list per DownloadResponse, parsed by `decode_download`:
+        envelopes are views into the received message (no per-blob copies or message objects)."""
+        method = self.channel.unary_stream(
+            DOWNLOAD_METHOD,
+            request_serializer=agent_pb2.DownloadRequest.SerializeToString,
+            response_deserializer=_passthrough,
+        )
         for i in range(0, len(ids), MAX_IDS_PER_QUERY):
             req = agent_pb2.DownloadRequest(
                 job_id=job_id, ids=pack_ids(ids[i : i + MAX_IDS_PER_QUERY])
             )
             try:
-                async for resp in self.stub.DownloadBlobs(req):
-                    for b in resp.blobs:
-                        yield Blob(b.id, b.type, None if b.error else b.envelope, b.error)
+                async for msg in method(req):
+                    yield decode_download(msg)
             except grpc.RpcError as exc:
                 raise error_from_rpc(exc, "download") from exc
 

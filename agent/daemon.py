@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 
 from agent.backup import run_backup
-from agent.client import ChannelPool, GrpcRepoClient
+from agent.client import ChannelPool, GrpcRepoClient, open_sync_channel
 from agent.config import AgentConfig
 from agent.restore import run_restore
 from core import PROTOCOL_VERSION, __version__, errors, systemd, wire
@@ -204,11 +204,22 @@ class AgentDaemon:
         kind, job_id = cmd.WhichOneof("cmd"), cmd.job_id
         try:
             async with self.channels.lease() as channel:
-                repo = GrpcRepoClient(channel)
-                if kind == "backup":
-                    await self._backup(session, repo, repo_cfg, me, cmd)
-                else:
-                    await self._restore(session, repo, repo_cfg, cmd)
+                # A backup's uploads go on a synchronous channel of their own (same
+                # certificate), fed straight from the sealing threads.
+                uploads = (
+                    open_sync_channel(self.channels.address, self.channels.source)
+                    if kind == "backup"
+                    else None
+                )
+                try:
+                    repo = GrpcRepoClient(channel, uploads)
+                    if kind == "backup":
+                        await self._backup(session, repo, repo_cfg, me, cmd)
+                    else:
+                        await self._restore(session, repo, repo_cfg, cmd)
+                finally:
+                    if uploads is not None:
+                        uploads.close()
         except asyncio.CancelledError:
             session.update(job_id, common_pb2.JOB_STATE_CANCELLED, error="cancelled")
             raise

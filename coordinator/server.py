@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import hmac
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any, TypeVar, cast
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 
 import core
 from coordinator.config import CoordinatorConfig
@@ -25,7 +28,8 @@ log = logging.getLogger(__name__)
 PROTOCOL_VERSION = core.PROTOCOL_VERSION
 COORDINATOR_VERSION = core.__version__
 SUPPORTED_CAPABILITIES = frozenset({CAP_BACKUP_VOLUME, CAP_RESTORE})
-DOWNLOAD_BATCH = 4 * 1024 * 1024  # bytes of envelopes per DownloadResponse
+DOWNLOAD_BATCH = 1024 * 1024  # bytes of envelopes per DownloadResponse (copies stay in cache)
+DOWNLOAD_AHEAD = 2  # DownloadResponses read and encoded ahead of the one being sent
 SILENT_INTERVALS = 3  # design.md §Control stream: three silent heartbeat intervals disconnect
 NO_REPOSITORY = "no repository: run `clawback repo init`"
 
@@ -83,13 +87,30 @@ async def _repo_config(store: Any) -> format.RepoConfig:
     return cfg
 
 
-def _check_blobs(blobs: Any) -> list[tuple[bytes, int, bytes]]:
-    """The (id, type, envelope) of each blob of an UploadRequest, validated.
+RAW_PARSE_MIN_AVG = 16 * 1024  # mean envelope size from which parse_upload beats protobuf's
 
-    Each field is read once: reading a bytes field of a parsed message copies
-    it, and envelopes are up to MAX_BLOB_SIZE.
+
+def _upload_blobs(raw: bytes) -> list[tuple[bytes, int, bytes | memoryview]]:
+    """The (id, type, envelope) of each blob of an UploadRequest's wire bytes, validated.
+
+    protobuf's parser (which aliases the input) counts the blobs; reading each
+    envelope from it would copy it, so messages of large blobs are read by
+    wire.parse_upload, whose envelopes are views into `raw`. Messages of many
+    small blobs, where per-field Python costs more than the copies, are read
+    from the parsed message.
     """
-    out = [(b.id, b.type, b.envelope) for b in blobs]
+    try:
+        req = agent_pb2.UploadRequest.FromString(raw)
+    except DecodeError as exc:
+        raise errors.UsageError(f"malformed UploadRequest: {exc}") from None
+    n = len(req.blobs)
+    if not n:
+        return []
+    out: list[tuple[bytes, int, bytes | memoryview]]
+    if len(raw) // n >= RAW_PARSE_MIN_AVG:
+        out = list(wire.parse_upload(raw)[1])
+    else:
+        out = [(b.id, b.type, b.envelope) for b in req.blobs]
     for bid, btype, env in out:
         if len(bid) != format.ID_SIZE:
             raise errors.UsageError(f"blob id of {len(bid)} bytes (ids are {format.ID_SIZE})")
@@ -117,30 +138,110 @@ async def _get_keys(store: Any, key_ids: list[bytes]) -> agent_pb2.GetKeysRespon
     return agent_pb2.GetKeysResponse(keys=keys)
 
 
-async def _stream_blobs(store: Any, ids: list[bytes]) -> AsyncIterator[agent_pb2.DownloadResponse]:
-    """Blobs in responses of about DOWNLOAD_BATCH bytes; the store reads in a thread."""
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def encode_download(blobs: Sequence[tuple[bytes, int, bytes | None, str]]) -> bytes:
+    """A DownloadResponse in protobuf wire format, byte-identical to building the message and
+    calling SerializeToString, but with one copy of the envelopes and no message objects.
+    Each blob is (id, type, envelope, error); a blob without an envelope carries its error."""
+    parts: list[bytes] = []
+    for blob_id, btype, envelope, error in blobs:
+        head = b"\x0a" + _varint(len(blob_id)) + blob_id if blob_id else b""
+        if btype:
+            head += b"\x10" + _varint(btype)
+        body = b""
+        if envelope is None:
+            err = (error or "unreadable").encode()
+            head += b"\x22" + _varint(len(err)) + err
+        elif envelope:
+            head += b"\x1a" + _varint(len(envelope))
+            body = envelope
+        parts += (b"\x0a", _varint(len(head) + len(body)), head, body)
+    return b"".join(parts)
+
+
+def _raw(message: bytes) -> bytes:
+    return message
+
+
+async def _stream_blobs(store: Any, ids: list[bytes]) -> AsyncIterator[bytes]:
+    """DownloadResponse wire bytes (encode_download) of about DOWNLOAD_BATCH bytes of envelopes
+    each. The store reads in threads, up to DOWNLOAD_AHEAD batches ahead of the one being sent
+    (one at a time: a lock orders them; the order of the batches does not matter)."""
     it: Iterator[tuple[bytes, int, bytes | None, str]] = iter(store.read_blobs(ids))
+    lock = threading.Lock()
 
-    def next_batch() -> list[agent_pb2.BlobData]:
-        batch: list[agent_pb2.BlobData] = []
+    def next_batch() -> bytes:
+        batch: list[tuple[bytes, int, bytes | None, str]] = []
         size = 0
-        for blob_id, btype, envelope, error in it:
-            t = cast("common_pb2.BlobType.ValueType", btype)
-            if envelope is None:
-                batch.append(agent_pb2.BlobData(id=blob_id, type=t, error=error or "unreadable"))
-                size += 256
-            else:
-                batch.append(agent_pb2.BlobData(id=blob_id, type=t, envelope=envelope))
-                size += len(envelope) + 64
-            if size >= DOWNLOAD_BATCH:
-                break
-        return batch
+        with lock:
+            for blob in it:
+                batch.append(blob)
+                size += 256 if blob[2] is None else len(blob[2]) + 64
+                if size >= DOWNLOAD_BATCH:
+                    break
+        return encode_download(batch) if batch else b""
 
-    while True:
-        batch = await asyncio.to_thread(next_batch)
-        if not batch:
-            return
-        yield agent_pb2.DownloadResponse(blobs=batch)
+    ahead = collections.deque(
+        asyncio.ensure_future(asyncio.to_thread(next_batch)) for _ in range(DOWNLOAD_AHEAD)
+    )
+    try:
+        while ahead:
+            message = await ahead.popleft()
+            if message:  # else the store is exhausted: drain what is in flight
+                ahead.append(asyncio.ensure_future(asyncio.to_thread(next_batch)))
+                yield message
+    finally:
+        for pending in ahead:
+            # The call ended early: a read in flight finishes in its thread and is dropped.
+            pending.cancel()
+
+
+def _register_raw_downloads(
+    server: grpc.aio.Server, agents: AgentServicer, admins: AdminServicer
+) -> None:
+    """DownloadBlobs and ReadBlobs yield prebuilt DownloadResponse bytes (`encode_download`):
+    registered again after the generated handlers, with a pass-through serializer (the later
+    registration of a method wins)."""
+    for service, method, handler, request in (
+        (
+            "clawback.v1.AgentService",
+            "DownloadBlobs",
+            agents.DownloadBlobs,
+            agent_pb2.DownloadRequest,
+        ),
+        ("clawback.v1.AdminService", "ReadBlobs", admins.ReadBlobs, admin_pb2.ReadBlobsRequest),
+    ):
+        server.add_registered_method_handlers(
+            service,
+            {
+                method: grpc.unary_stream_rpc_method_handler(
+                    handler, request_deserializer=request.FromString, response_serializer=_raw
+                )
+            },
+        )
+
+
+def _register_raw_uploads(server: grpc.aio.Server, agents: AgentServicer) -> None:
+    """UploadBlobs receives UploadRequest wire bytes (`_upload_blobs` parses them): registered
+    again after the generated handler, with a pass-through deserializer."""
+    server.add_registered_method_handlers(
+        "clawback.v1.AgentService",
+        {
+            "UploadBlobs": grpc.stream_unary_rpc_method_handler(
+                agents.UploadBlobs,
+                request_deserializer=_raw,
+                response_serializer=agent_pb2.UploadResponse.SerializeToString,
+            )
+        },
+    )
 
 
 class _Auth:
@@ -307,11 +408,14 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         return agent_pb2.MissingBlobsResponse(missing=wire.make_bitmap(missing))
 
     @_guarded
-    async def UploadBlobs(
+    async def UploadBlobs(  # type: ignore[override]  # wire bytes, not messages
         self,
-        request_iterator: AsyncIterator[agent_pb2.UploadRequest],
+        request_iterator: AsyncIterator[bytes],
         context: grpc.aio.ServicerContext,
     ) -> agent_pb2.UploadResponse:
+        """Requests arrive as wire bytes (`_register_raw_uploads`). One message is written
+        to the session in a thread while the next is received and parsed; the session
+        takes them in order."""
         name = await self._auth.agent(context)
         loop = asyncio.get_running_loop()
         session: Any = None
@@ -330,15 +434,19 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 log.exception("aborting the upload of agent %s failed", name)
 
         try:
-            async for req in request_iterator:
-                if not req.blobs:
+            async for raw in request_iterator:
+                blobs = _upload_blobs(raw)
+                del raw
+                if not blobs:
                     continue
-                blobs = _check_blobs(req.blobs)
-                del req
                 if session is None:
                     session = await in_thread(self._store.upload)
-                await in_thread(session.add_many, blobs)
+                elif pending is not None:
+                    await asyncio.shield(pending)  # the previous message, written in order
+                pending = loop.run_in_executor(None, session.add_many, blobs)
                 del blobs
+            if pending is not None:
+                await asyncio.shield(pending)
             if session is None:
                 return agent_pb2.UploadResponse()
             stats = await in_thread(session.finish)
@@ -357,9 +465,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         )
 
     @_guarded_stream
-    async def DownloadBlobs(
+    async def DownloadBlobs(  # type: ignore[override]  # DownloadResponse wire bytes: _register_raw_downloads
         self, request: agent_pb2.DownloadRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[agent_pb2.DownloadResponse]:
+    ) -> AsyncIterator[bytes]:
         name = await self._auth.agent(context)
         ids = wire.unpack_ids(request.ids)
         await self._jobs.authorize_download(name, request.job_id, ids)
@@ -569,9 +677,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return info
 
     @_guarded_stream
-    async def ReadBlobs(
+    async def ReadBlobs(  # type: ignore[override]  # DownloadResponse wire bytes: _register_raw_downloads
         self, request: admin_pb2.ReadBlobsRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[agent_pb2.DownloadResponse]:
+    ) -> AsyncIterator[bytes]:
         # The admin may read any blob: the CLI holds the key and decrypts trees itself.
         self._auth.admin(context)
         async for response in _stream_blobs(self._store, wire.unpack_ids(request.ids)):
@@ -692,12 +800,12 @@ def build_server(
     jobs = jobs if jobs is not None else JobManager(store, registry, clock)
     # Without SO_REUSEPORT a second coordinator on the same port fails instead of sharing it.
     server = grpc.aio.server(options=[*wire.SERVER_OPTIONS, ("grpc.so_reuseport", 0)])
-    agent_pb2_grpc.add_AgentServiceServicer_to_server(
-        AgentServicer(store, registry, jobs, config.heartbeat_interval_s, clock), server
-    )
-    admin_pb2_grpc.add_AdminServiceServicer_to_server(
-        AdminServicer(store, registry, jobs, clock), server
-    )
+    agents = AgentServicer(store, registry, jobs, config.heartbeat_interval_s, clock)
+    admins = AdminServicer(store, registry, jobs, clock)
+    agent_pb2_grpc.add_AgentServiceServicer_to_server(agents, server)
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(admins, server)
+    _register_raw_downloads(server, agents, admins)
+    _register_raw_uploads(server, agents)
     creds = server_credentials(certs if certs is not None else FileCertSource(config.tls))
     try:
         port = server.add_secure_port(config.listen, creds)

@@ -38,6 +38,97 @@ def varint(n: int) -> bytes:
     return bytes(out)
 
 
+def _read_varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= end or shift > 63:
+            raise errors.UsageError("malformed message: truncated or overlong varint")
+        b = buf[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _skip(buf: bytes, pos: int, end: int, wire_type: int) -> int:
+    """The position after an unknown field's value (protobuf: unknown fields are ignored)."""
+    if wire_type == 0:
+        return _read_varint(buf, pos, end)[1]
+    if wire_type == 1:
+        pos += 8
+    elif wire_type == 2:
+        n, pos = _read_varint(buf, pos, end)
+        pos += n
+    elif wire_type == 5:
+        pos += 4
+    else:
+        raise errors.UsageError(f"malformed message: wire type {wire_type}")
+    if pos > end:
+        raise errors.UsageError("malformed message: field runs past its end")
+    return pos
+
+
+def parse_upload(msg: bytes) -> tuple[str, list[tuple[bytes, int, memoryview]]]:
+    """An UploadRequest's (job_id, [(id, type, envelope)]) straight from its wire bytes.
+
+    The envelopes are views into `msg`: no copy of up to MAX_MESSAGE_SIZE bytes
+    per message, as reading them from a parsed message makes. Accepts what
+    protobuf's parser accepts for this message (fields in any order, repeated
+    scalars last-one-wins, unknown fields skipped); raises UsageError otherwise.
+    Validating ids, types and sizes is the caller's.
+    """
+    view = memoryview(msg)
+    end = len(msg)
+    pos = 0
+    job_id = b""
+    blobs: list[tuple[bytes, int, memoryview]] = []
+    while pos < end:
+        key, pos = _read_varint(msg, pos, end)
+        field, wt = key >> 3, key & 7
+        if wt != 2 or field not in (1, 2):
+            pos = _skip(msg, pos, end, wt)
+            continue
+        n, pos = _read_varint(msg, pos, end)
+        stop = pos + n
+        if stop > end:
+            raise errors.UsageError("malformed message: field runs past its end")
+        if field == 1:
+            job_id = msg[pos:stop]
+        else:
+            blobs.append(_parse_blob(msg, view, pos, stop))
+        pos = stop
+    try:
+        return job_id.decode(), blobs
+    except UnicodeDecodeError:
+        raise errors.UsageError("malformed message: job_id is not UTF-8") from None
+
+
+def _parse_blob(msg: bytes, view: memoryview, pos: int, end: int) -> tuple[bytes, int, memoryview]:
+    blob_id = b""
+    btype = 0
+    envelope = view[0:0]
+    while pos < end:
+        key, pos = _read_varint(msg, pos, end)
+        field, wt = key >> 3, key & 7
+        if field == 2 and wt == 0:
+            btype, pos = _read_varint(msg, pos, end)
+            continue
+        if wt != 2 or field not in (1, 3):
+            pos = _skip(msg, pos, end, wt)
+            continue
+        n, pos = _read_varint(msg, pos, end)
+        stop = pos + n
+        if stop > end:
+            raise errors.UsageError("malformed message: field runs past its end")
+        if field == 1:
+            blob_id = msg[pos:stop]
+        else:
+            envelope = view[pos:stop]
+        pos = stop
+    return blob_id, btype, envelope
+
+
 def pack_ids(ids: Iterable[bytes]) -> bytes:
     return b"".join(ids)
 

@@ -640,3 +640,45 @@ async def test_failed_upload_discards_open_pack(env: Env) -> None:
     )
     resp = await env.agent().MissingBlobs(agent_pb2.MissingBlobsRequest(ids=good[0]))
     assert wire.read_bitmap(resp.missing, 1) == [True]
+
+
+async def test_large_and_small_blobs_are_stored_byte_for_byte(env: Env) -> None:
+    """Messages of large blobs are read from their wire bytes (wire.parse_upload), messages of
+    small ones from the parsed message: both must store exactly the envelopes sent."""
+    await init_repo(env)
+    big = [blob(100 + i, 300_000) for i in range(3)]
+    small = [blob(200 + i, 600) for i in range(40)]
+
+    async def reqs() -> AsyncIterator[agent_pb2.UploadRequest]:
+        for group in (big, small):
+            yield agent_pb2.UploadRequest(
+                blobs=[
+                    agent_pb2.BlobData(id=i, type=common_pb2.BLOB_TYPE_DATA, envelope=e)
+                    for i, e in group
+                ]
+            )
+
+    up = await env.agent().UploadBlobs(reqs(), timeout=TIMEOUT)
+    assert up.blobs_stored == 43 and up.bytes_stored == 3 * 300_000 + 40 * 600
+    got = {i: e for i, _, e, _ in env.store.read_blobs([i for i, _ in big + small])}
+    assert got == dict(big + small)
+
+
+async def test_malformed_upload_message_is_refused(env: Env) -> None:
+    await init_repo(env)
+    good = blob(8)
+    method = env.channel("node1").stream_unary(
+        "/clawback.v1.AgentService/UploadBlobs",
+        request_serializer=lambda b: b,
+        response_deserializer=agent_pb2.UploadResponse.FromString,
+    )
+
+    async def reqs() -> AsyncIterator[bytes]:
+        yield agent_pb2.UploadRequest(
+            blobs=[agent_pb2.BlobData(id=good[0], type=common_pb2.BLOB_TYPE_DATA, envelope=good[1])]
+        ).SerializeToString()
+        yield b"\x12\xff\xff\x03" + b"x" * 10  # a blob field claiming 65 KiB, 10 bytes given
+
+    await expect_code(method(reqs()), grpc.StatusCode.INVALID_ARGUMENT, "malformed UploadRequest")
+    resp = await env.agent().MissingBlobs(agent_pb2.MissingBlobsRequest(ids=good[0]))
+    assert wire.read_bitmap(resp.missing, 1) == [True]  # the open pack was discarded

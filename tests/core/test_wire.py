@@ -4,9 +4,21 @@ from __future__ import annotations
 
 import grpc
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from core import errors
-from core.wire import error_from_rpc, make_bitmap, pack_ids, read_bitmap, status_for, unpack_ids
+from core.wire import (
+    error_from_rpc,
+    make_bitmap,
+    pack_ids,
+    parse_upload,
+    read_bitmap,
+    status_for,
+    unpack_ids,
+    varint,
+)
+from protos.clawback.v1 import agent_pb2
 
 
 def test_id_lists() -> None:
@@ -57,3 +69,41 @@ def test_errors_survive_the_wire(exc: errors.ClawbackError) -> None:
 def test_plain_unavailable_names_the_coordinator() -> None:
     e = error_from_rpc(_Rpc(grpc.StatusCode.UNAVAILABLE, "failed to connect"))
     assert isinstance(e, errors.Unavailable) and "unreachable" in str(e)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    job_id=st.text(max_size=40),
+    blobs=st.lists(
+        st.tuples(
+            st.binary(max_size=40),
+            st.integers(min_value=0, max_value=3),
+            st.binary(max_size=300),
+            st.text(max_size=10),
+        ),
+        max_size=6,
+    ),
+)
+def test_parse_upload_reads_what_protobuf_reads(
+    job_id: str, blobs: list[tuple[bytes, int, bytes, str]]
+) -> None:
+    msg = agent_pb2.UploadRequest(
+        job_id=job_id,
+        blobs=[
+            agent_pb2.BlobData(id=i, type=t, envelope=e, error=err)  # type: ignore[arg-type]
+            for i, t, e, err in blobs
+        ],
+    ).SerializeToString()
+    got_job, got = parse_upload(msg)
+    assert got_job == job_id
+    assert [(i, t, bytes(e)) for i, t, e in got] == [(i, t, e) for i, t, e, _ in blobs]
+
+
+def test_parse_upload_skips_unknown_fields_and_refuses_truncation() -> None:
+    body = agent_pb2.BlobData(id=b"i" * 32, type=1, envelope=b"e" * 100).SerializeToString()
+    # field 9 (varint) and field 10 (fixed64) around the blob: unknown, skipped
+    msg = b"\x48\x05" + b"\x12" + varint(len(body)) + body + b"\x51" + b"\x00" * 8
+    assert [(i, t, bytes(e)) for i, t, e in parse_upload(msg)[1]] == [(b"i" * 32, 1, b"e" * 100)]
+    for bad in (b"\x12", msg[:3], msg[:10], msg[:-3], b"\x12\xff"):
+        with pytest.raises(errors.UsageError, match="malformed"):
+            parse_upload(bad)
