@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 
 from agent.repo import Blob, UploadStats
-from core import errors
+from core import errors, wire
 from core.certs import CertSource, FileCertSource
 from core.format import MAX_IDS_PER_QUERY
 from core.tls import TlsFiles
@@ -47,88 +47,17 @@ DOWNLOAD_METHOD = "/clawback.v1.AgentService/DownloadBlobs"
 DownloadedBlob = tuple[bytes, int, memoryview | None, str]  # id, type, envelope view, error
 
 
-def _varint_at(buf: bytes, pos: int) -> tuple[int, int]:
-    """The varint at `pos` and the position after it."""
-    b = buf[pos]
-    if b < 0x80:
-        return b, pos + 1
-    n, shift = 0, 0
-    while True:
-        n |= (b & 0x7F) << shift
-        pos += 1
-        if b < 0x80:
-            return n, pos
-        shift += 7
-        if shift > 63:
-            raise ValueError("varint too long")
-        b = buf[pos]
-
-
-def _skip_field(buf: bytes, pos: int, wire_type: int) -> int:
-    if wire_type == 0:
-        return _varint_at(buf, pos)[1]
-    if wire_type == 1:
-        return pos + 8
-    if wire_type == 2:
-        n, pos = _varint_at(buf, pos)
-        return pos + n
-    if wire_type == 5:
-        return pos + 4
-    raise ValueError(f"unsupported wire type {wire_type}")
-
-
 def decode_download(message: bytes) -> list[DownloadedBlob]:
-    """Parse a DownloadResponse from protobuf wire bytes, as the generated parser would (fields
-    in any order, the last value of a repeated scalar wins, unknown fields skipped), into
-    (id, type, envelope, error) per BlobData; an envelope is a view into `message`, None
-    when the blob carries an error. Malformed bytes raise IntegrityError."""
-    out: list[DownloadedBlob] = []
-    view = memoryview(message)
-    end = len(message)
-    pos = 0
+    """A DownloadResponse's (id, type, envelope, error) per BlobData, read from its wire bytes
+    as the generated parser would (core/wire.py: parse_blobs); an envelope is a view into
+    `message`, None when the blob carries an error. Malformed bytes raise IntegrityError."""
     try:
-        while pos < end:
-            key, pos = _varint_at(message, pos)
-            if key != 0x0A:  # anything but field 1 (blobs), length-delimited
-                pos = _skip_field(message, pos, key & 7)
-                continue
-            n, pos = _varint_at(message, pos)
-            stop = pos + n
-            if stop > end:
-                raise ValueError("truncated BlobData")
-            bid, btype, env, err = b"", 0, None, ""
-            while pos < stop:
-                key, pos = _varint_at(message, pos)
-                if key == 0x10:
-                    btype, pos = _varint_at(message, pos)
-                    continue
-                if key & 7 != 2:
-                    pos = _skip_field(message, pos, key & 7)
-                    continue
-                n, pos = _varint_at(message, pos)
-                if pos + n > stop:
-                    raise ValueError("truncated field")
-                if key == 0x0A:
-                    bid = message[pos : pos + n]
-                elif key == 0x1A:
-                    env = view[pos : pos + n]
-                elif key == 0x22:
-                    err = str(message[pos : pos + n], "utf-8")
-                pos += n
-            if pos != stop:
-                raise ValueError("BlobData overruns its length")
-            if err:
-                env = None
-            elif env is None:
-                env = view[0:0]  # absent: empty, as protobuf reads it
-            out.append((bid, btype, env, err))
-        if pos != end:
-            raise ValueError("field overruns the message")
-    except (IndexError, ValueError) as exc:
+        blobs = wire.parse_blobs(message, 1)[1]
+    except errors.UsageError as exc:
         raise errors.IntegrityError(
             f"malformed DownloadResponse from the coordinator: {exc}"
         ) from None
-    return out
+    return [(i, t, None if err else e, err) for i, t, e, err in blobs]
 
 
 log = logging.getLogger("clawback.agent")

@@ -138,32 +138,23 @@ async def _get_keys(store: Any, key_ids: list[bytes]) -> agent_pb2.GetKeysRespon
     return agent_pb2.GetKeysResponse(keys=keys)
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
 def encode_download(blobs: Sequence[tuple[bytes, int, bytes | None, str]]) -> bytes:
     """A DownloadResponse in protobuf wire format, byte-identical to building the message and
     calling SerializeToString, but with one copy of the envelopes and no message objects.
     Each blob is (id, type, envelope, error); a blob without an envelope carries its error."""
     parts: list[bytes] = []
     for blob_id, btype, envelope, error in blobs:
-        head = b"\x0a" + _varint(len(blob_id)) + blob_id if blob_id else b""
+        head = b"\x0a" + wire.varint(len(blob_id)) + blob_id if blob_id else b""
         if btype:
-            head += b"\x10" + _varint(btype)
+            head += b"\x10" + wire.varint(btype)
         body = b""
         if envelope is None:
             err = (error or "unreadable").encode()
-            head += b"\x22" + _varint(len(err)) + err
+            head += b"\x22" + wire.varint(len(err)) + err
         elif envelope:
-            head += b"\x1a" + _varint(len(envelope))
+            head += b"\x1a" + wire.varint(len(envelope))
             body = envelope
-        parts += (b"\x0a", _varint(len(head) + len(body)), head, body)
+        parts += (b"\x0a", wire.varint(len(head) + len(body)), head, body)
     return b"".join(parts)
 
 

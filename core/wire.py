@@ -69,52 +69,69 @@ def _skip(buf: bytes, pos: int, end: int, wire_type: int) -> int:
     return pos
 
 
-def parse_upload(msg: bytes) -> tuple[str, list[tuple[bytes, int, memoryview]]]:
-    """An UploadRequest's (job_id, [(id, type, envelope)]) straight from its wire bytes.
+def parse_blobs(
+    msg: bytes, blobs_field: int, text_field: int = 0
+) -> tuple[str, list[tuple[bytes, int, memoryview, str]]]:
+    """A message of repeated BlobData (field `blobs_field`), read straight from its wire bytes:
+    (the string in `text_field`, if any; [(id, type, envelope, error)]).
 
-    The envelopes are views into `msg`: no copy of up to MAX_MESSAGE_SIZE bytes
-    per message, as reading them from a parsed message makes. Accepts what
-    protobuf's parser accepts for this message (fields in any order, repeated
-    scalars last-one-wins, unknown fields skipped); raises UsageError otherwise.
-    Validating ids, types and sizes is the caller's.
+    Envelopes are views into `msg`: no copy of up to MAX_MESSAGE_SIZE bytes
+    per message, as reading them from a parsed message makes (empty when
+    absent). Accepts what
+    protobuf's parser accepts (fields in any order, the last value of a
+    non-repeated field wins, unknown fields skipped); raises UsageError
+    otherwise. Validating ids, types and sizes is the caller's.
     """
     view = memoryview(msg)
     end = len(msg)
     pos = 0
-    job_id = b""
-    blobs: list[tuple[bytes, int, memoryview]] = []
+    text = b""
+    blobs: list[tuple[bytes, int, memoryview, str]] = []
     while pos < end:
         key, pos = _read_varint(msg, pos, end)
         field, wt = key >> 3, key & 7
-        if wt != 2 or field not in (1, 2):
+        if wt != 2 or field not in (blobs_field, text_field):
             pos = _skip(msg, pos, end, wt)
             continue
         n, pos = _read_varint(msg, pos, end)
         stop = pos + n
         if stop > end:
             raise errors.UsageError("malformed message: field runs past its end")
-        if field == 1:
-            job_id = msg[pos:stop]
-        else:
+        if field == blobs_field:
             blobs.append(_parse_blob(msg, view, pos, stop))
+        else:
+            text = msg[pos:stop]
         pos = stop
+    return _utf8(text), blobs
+
+
+def parse_upload(msg: bytes) -> tuple[str, list[tuple[bytes, int, memoryview]]]:
+    """An UploadRequest's (job_id, [(id, type, envelope)]) from its wire bytes (`parse_blobs`)."""
+    job_id, blobs = parse_blobs(msg, 2, 1)
+    return job_id, [(i, t, e) for i, t, e, _ in blobs]
+
+
+def _utf8(raw: bytes) -> str:
     try:
-        return job_id.decode(), blobs
+        return raw.decode()
     except UnicodeDecodeError:
-        raise errors.UsageError("malformed message: job_id is not UTF-8") from None
+        raise errors.UsageError("malformed message: a string field is not UTF-8") from None
 
 
-def _parse_blob(msg: bytes, view: memoryview, pos: int, end: int) -> tuple[bytes, int, memoryview]:
+def _parse_blob(
+    msg: bytes, view: memoryview, pos: int, end: int
+) -> tuple[bytes, int, memoryview, str]:
     blob_id = b""
     btype = 0
     envelope = view[0:0]
+    error = b""
     while pos < end:
         key, pos = _read_varint(msg, pos, end)
         field, wt = key >> 3, key & 7
         if field == 2 and wt == 0:
             btype, pos = _read_varint(msg, pos, end)
             continue
-        if wt != 2 or field not in (1, 3):
+        if wt != 2 or field not in (1, 3, 4):
             pos = _skip(msg, pos, end, wt)
             continue
         n, pos = _read_varint(msg, pos, end)
@@ -123,10 +140,12 @@ def _parse_blob(msg: bytes, view: memoryview, pos: int, end: int) -> tuple[bytes
             raise errors.UsageError("malformed message: field runs past its end")
         if field == 1:
             blob_id = msg[pos:stop]
-        else:
+        elif field == 3:
             envelope = view[pos:stop]
+        else:
+            error = msg[pos:stop]
         pos = stop
-    return blob_id, btype, envelope
+    return blob_id, btype, envelope, _utf8(error)
 
 
 def pack_ids(ids: Iterable[bytes]) -> bytes:

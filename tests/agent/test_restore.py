@@ -1,0 +1,171 @@
+"""The restore pipeline's content stage: pack-order streaming, parked files, raw batches, bounded
+memory, and what a failure leaves behind (design.md §Trees, §Blob traffic)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from agent import restore as restore_mod
+from agent.backup import BackupResult, run_backup
+from agent.repo import Blob
+from agent.restore import RestoreResult, run_restore
+from bench.verify import compare_trees
+from core.errors import TransportError
+from protos.clawback.v1 import common_pb2
+from tests.agent.conftest import Env, StoreRepo
+
+
+async def backup(env: Env, src: Path) -> BackupResult:
+    return await run_backup(
+        env.repo, env.keys, env.cfg, src, agent="n", source="s", job_id="b", cache_dir=env.cache_dir
+    )
+
+
+async def restore(
+    env: Env, repo: object, info: common_pb2.SnapshotInfo, dst: Path, **kw: object
+) -> RestoreResult:
+    return await run_restore(repo, env.keys, env.cfg, info, dst, job_id="r", **kw)  # type: ignore[arg-type]
+
+
+def big_tree(src: Path, files: int = 12, size: int = 3 * 1024 * 1024) -> None:
+    """Multi-chunk files (chunks of ~1 MiB), some sharing content, plus small and empty ones."""
+    src.mkdir()
+    shared = os.urandom(size)
+    for i in range(files):
+        (src / f"big{i}").write_bytes(shared if i % 3 == 0 else os.urandom(size))
+    (src / "sub").mkdir()
+    for i in range(50):
+        (src / "sub" / f"small{i}").write_bytes(b"%d " % i * (i + 1))
+    (src / "sub" / "empty").write_bytes(b"")
+    with open(src / "sparse", "wb") as f:
+        f.truncate(8 * 1024 * 1024)
+        f.seek(3 * 1024 * 1024)
+        f.write(os.urandom(4096))
+
+
+@dataclass
+class BatchRepo:
+    """A RepoClient offering `download_batches` as agent/client.py does: envelopes are views."""
+
+    inner: StoreRepo
+    batch_bytes: int = 300_000
+    drop: frozenset[bytes] = frozenset()  # ids the "coordinator" never returns
+    fail_after: int = -1  # batches served before the stream breaks
+
+    async def download_batches(
+        self, job_id: str, ids: Sequence[bytes]
+    ) -> AsyncIterator[list[tuple[bytes, int, memoryview | None, str]]]:
+        batch: list[tuple[bytes, int, memoryview | None, str]] = []
+        size = served = 0
+        async for b in self.inner.download(job_id, ids):
+            if b.id in self.drop:
+                continue
+            batch.append(
+                (b.id, b.type, None if b.envelope is None else memoryview(b.envelope), b.error)
+            )
+            size += len(b.envelope or b"")
+            if size >= self.batch_bytes:
+                if served == self.fail_after:
+                    raise TransportError("download: stream cut")
+                yield batch
+                served += 1
+                batch, size = [], 0
+        if batch:
+            yield batch
+
+    async def download(self, job_id: str, ids: Sequence[bytes]) -> AsyncIterator[Blob]:
+        raise AssertionError("download_batches is preferred")
+        yield  # pragma: no cover
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+
+async def test_raw_batches_round_trip(env: Env, workdir: Path) -> None:
+    src = workdir / "src"
+    big_tree(src)
+    r = await backup(env, src)
+    res = await restore(env, BatchRepo(env.repo), r.info, workdir / "dst")
+    assert res.errors == []
+    assert compare_trees(src, workdir / "dst") == []
+    # Every blob was asked for once, however many files use it.
+    assert len(env.repo.downloaded) == len(set(env.repo.downloaded))
+
+
+async def test_files_parked_between_blobs_are_reopened(
+    env: Env, workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = workdir / "src"
+    big_tree(src)
+    r = await backup(env, src)
+    monkeypatch.setattr(restore_mod, "MAX_OPEN_FILES", 1)
+    monkeypatch.setattr(restore_mod, "ARENA_BYTES", 1024 * 1024)
+    res = await restore(env, BatchRepo(env.repo, batch_bytes=50_000), r.info, workdir / "dst")
+    assert res.errors == []
+    assert compare_trees(src, workdir / "dst") == []
+
+
+async def test_overwrite_replaces_multi_chunk_files(env: Env, workdir: Path) -> None:
+    src = workdir / "src"
+    big_tree(src, files=3)
+    r = await backup(env, src)
+    dst = workdir / "dst"
+    dst.mkdir()
+    (dst / "big1").write_bytes(b"old")
+    (dst / "sub").mkdir()
+    (dst / "sub" / "small3").mkdir()  # a directory where a file goes
+    res = await restore(env, env.repo, r.info, dst, overwrite=True)
+    assert res.errors == []
+    assert compare_trees(src / "sub", dst / "sub") == []
+    for i in range(3):
+        assert (dst / f"big{i}").read_bytes() == (src / f"big{i}").read_bytes()
+    assert not [n for _, _, names in os.walk(dst) for n in names if n.startswith(".clawback")]
+
+
+async def test_a_blob_never_returned_fails_only_its_files(env: Env, workdir: Path) -> None:
+    src = workdir / "src"
+    big_tree(src, files=3)
+    r = await backup(env, src)
+    from tests.agent.test_backup_restore import _file_chunk
+
+    lost = await _file_chunk(env, r, b"big1")
+    res = await restore(env, BatchRepo(env.repo, drop=frozenset({lost})), r.info, workdir / "dst")
+    assert len(res.errors) == 1 and "big1" in res.errors[0]
+    assert "not returned by the coordinator" in res.errors[0]
+    assert not (workdir / "dst" / "big1").exists()
+    assert (workdir / "dst" / "big2").read_bytes() == (src / "big2").read_bytes()
+
+
+async def test_a_broken_stream_leaves_no_partial_file(env: Env, workdir: Path) -> None:
+    src = workdir / "src"
+    big_tree(src)
+    r = await backup(env, src)
+    dst = workdir / "dst"
+    repo = BatchRepo(env.repo, batch_bytes=50_000, fail_after=5)
+    with pytest.raises(TransportError):
+        await restore(env, repo, r.info, dst)
+    # What was finished is whole; nothing half-written stays behind under any name.
+    for dirpath, _, names in os.walk(dst):
+        for n in names:
+            p = Path(dirpath) / n
+            if p.is_file() and not p.is_symlink():
+                assert p.read_bytes() == (src / p.relative_to(dst)).read_bytes(), p
+
+
+def test_groups_bound_the_plaintext_in_flight() -> None:
+    r = restore_mod._Restore.__new__(restore_mod._Restore)
+    r.sizes = {bytes([i]) * 32: s for i, s in enumerate([5, 5, 5, 20, 1, 1])}
+    batch = [(bid, 1, memoryview(b"x"), "") for bid in r.sizes]
+    old = restore_mod.ARENA_BYTES
+    try:
+        restore_mod.ARENA_BYTES = 10
+        groups = list(restore_mod._Restore._groups(r, batch))  # type: ignore[arg-type]
+    finally:
+        restore_mod.ARENA_BYTES = old
+    assert [need for _, need in groups] == [10, 5, 20, 2]  # a blob larger than the bound goes alone
+    assert sum(len(g) for g, _ in groups) == len(batch)
