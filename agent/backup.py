@@ -544,16 +544,10 @@ class _Backup:
             )
         return True
 
-    def _small_group(
-        self, t: _Tally, group: list[_Entry], use_cache: bool
-    ) -> tuple[list[tuple[bytes, memoryview]], list[_Entry]]:
-        """Thread: chunk a group of small files; returns (chunks, entries taken from the cache)."""
+    def _small_group(self, t: _Tally, group: list[_Entry]) -> list[tuple[bytes, memoryview]]:
+        """Thread: read and chunk a group of small files (the walk looked them up already)."""
         out: list[tuple[bytes, memoryview]] = []
-        hits: list[_Entry] = []
         for f in group:
-            if use_cache and self._lookup_cache(f):
-                hits.append(f)
-                continue
             n = f.node
             if n.size == 0:
                 f.ids, f.sizes = (), ()
@@ -571,17 +565,15 @@ class _Backup:
                 os.close(fd)
                 raise
             self._read_fd(t, f, fd, chunks, out, 1 << 62)
-        return out, hits
+        return out
 
-    def _big_open(self, t: _Tally, f: _Entry, use_cache: bool) -> tuple[bool, int | None]:
-        """Thread: (cache hit, fd or None)."""
-        if use_cache and self._lookup_cache(f):
-            return True, None
+    def _big_open(self, t: _Tally, f: _Entry) -> int | None:
+        """Thread: open a large file for reading (None: it failed, and is warned about)."""
         f.ids, f.sizes = [], []
         fd = self._open_file(f, t)
         if fd is not None:
             t.files_read += 1
-        return False, fd
+        return fd
 
     def _merge(self, t: _Tally) -> None:
         """Move what a thread call observed into the run's counters (event loop side)."""
@@ -691,31 +683,27 @@ class _Backup:
         self.p.files_unchanged += unchanged
         self.p.files_done += unchanged
         for f in reread:
-            await self._process([f], use_cache=False)
+            await self._process([f])
 
-    async def _process(self, unit: list[_Entry], use_cache: bool) -> None:
+    async def _process(self, unit: list[_Entry]) -> None:
+        """Read a unit's files and store their chunks (files-cache hits never get here)."""
         if len(unit) == 1 and unit[0].node.size >= READ_BUDGET:
             f = unit[0]
             async with self.big_files:
                 t = _Tally()
-                hit, fd = await self.run_cpu(self._big_open, t, f, use_cache)
+                fd = await self.run_cpu(self._big_open, t, f)
                 self._merge(t)
-                if hit:
-                    await self._check_hits([f])
-                    return
                 if fd is not None:
                     await self._big_file(f, fd)
             self.p.files_done += 1
             self.progress()
             return
         t = _Tally()
-        out, hits = await self.run_cpu(self._small_group, t, unit, use_cache)
+        out = await self.run_cpu(self._small_group, t, unit)
         self._merge(t)
-        self.p.files_done += len(unit) - len(hits)
+        self.p.files_done += len(unit)
         await self._store(out, DATA)
         del out
-        if hits:
-            await self._check_hits(hits)
         self.progress()
 
     async def _big_file(self, f: _Entry, fd: int) -> None:
@@ -757,7 +745,7 @@ class _Backup:
             if kind == "hits":
                 await self._check_hits(entries)
             else:
-                await self._process(entries, use_cache=False)
+                await self._process(entries)
         queue.put_nowait(None)  # the end of the stream, for the next task
 
     async def _walk_and_read(self) -> _Dir:
