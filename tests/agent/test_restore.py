@@ -169,3 +169,26 @@ def test_groups_bound_the_plaintext_in_flight() -> None:
         restore_mod.ARENA_BYTES = old
     assert [need for _, need in groups] == [10, 5, 20, 2]  # a blob larger than the bound goes alone
     assert sum(len(g) for g, _ in groups) == len(batch)
+
+
+async def test_modes_and_owners_of_files_written_at_once_or_over_several_blobs(
+    env: Env, workdir: Path
+) -> None:
+    src = workdir / "src"
+    src.mkdir()
+    modes = [0o644, 0o664, 0o600, 0o444, 0o000, 0o777, 0o4755, 0o2750, 0o1644]
+    for m in modes:
+        for size in (10, 3 * 1024 * 1024):  # written at once, or over several blobs
+            p = src / f"m{m:o}-{size}"
+            p.write_bytes(os.urandom(size))
+            os.chmod(p, m)
+            if os.geteuid() == 0:
+                os.chown(p, 0 if m % 2 else 1000, 0 if m % 3 else 1000)
+    old = os.umask(0o022)
+    try:
+        r = await backup(env, src)
+        res = await restore(env, BatchRepo(env.repo), r.info, workdir / "dst")
+    finally:
+        os.umask(old)
+    assert res.errors == []
+    assert compare_trees(src, workdir / "dst") == []
