@@ -33,17 +33,17 @@ CACHE_KIB = 2048
 # consecutive seeks share the upper pages of the narrow `blobs_ids` index (schema 3). The
 # answer is one row (the positions of the indexed ids), so the whole lookup runs in SQLite
 # without the GIL and concurrent queries use several cores.
+# k(i) counts the ids of ?1 (?2 of them); each joins the blob row its ID_SIZE bytes name.
+_EACH_ID = "WITH RECURSIVE k(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM k WHERE i + 1 < ?2) "
+_ID_OF_K = f"blobs.id = substr(?1, k.i * {ID_SIZE} + 1, {ID_SIZE})"
 MISSING_SQL = (
-    "WITH RECURSIVE k(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM k WHERE i + 1 < ?2) "
-    "SELECT group_concat(k.i) FROM k JOIN blobs INDEXED BY blobs_ids "
-    f"ON blobs.id = substr(?1, k.i * {ID_SIZE} + 1, {ID_SIZE})"
+    f"{_EACH_ID}SELECT group_concat(k.i) FROM k JOIN blobs INDEXED BY blobs_ids ON {_ID_OF_K}"
 )
 # The data keys of a commit's references, in the same one-statement form (the wide table:
 # key_id is not in blobs_ids).
 KEY_IDS_SQL = (
-    "WITH RECURSIVE k(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM k WHERE i + 1 < ?2) "
-    "SELECT DISTINCT blobs.key_id FROM k JOIN blobs "
-    f"ON blobs.id = substr(?1, k.i * {ID_SIZE} + 1, {ID_SIZE}) WHERE blobs.key_id IS NOT NULL"
+    f"{_EACH_ID}SELECT DISTINCT blobs.key_id FROM k JOIN blobs ON {_ID_OF_K} "
+    "WHERE blobs.key_id IS NOT NULL"
 )
 T = TypeVar("T")
 
