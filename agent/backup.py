@@ -4,18 +4,21 @@ Stages (restic's scanner / file saver / tree saver split):
 
 1. walk: one thread lstats every entry (bytes names, directories opened
    with O_NOFOLLOW|O_NOATIME) and builds the Nodes, giving totals for progress;
-2. files: `workers` threads read and chunk files (or take their ids from the
-   files cache); the event loop dedups ids within the run, asks the
-   coordinator which are missing, has the threads seal those with the
-   snapshot's one data key and sends them on 1-2 upload streams;
+2. files: `workers` + 1 threads take units of work from a shared list and
+   carry each through on their own: read and chunk files (or confirm the ids
+   the files cache gave), dedup ids within the run, ask the coordinator which
+   are missing, seal those with the snapshot's one data key and send them on
+   1-2 upload streams. The event loop only reports progress meanwhile: no
+   hop through it per unit. A large file's batches are sealed in parts that
+   every thread helps with while its reader reads on;
 3. trees: every directory's Tree, bottom-up, sealed and uploaded the same way,
    then the root (a one-node Tree named '.');
 4. commit: close the streams (blobs durable), store the wrapped key, commit
    the snapshot with its sorted reference list, then save the files cache.
 
-Memory stays bounded: each file task holds at most one read budget of
-chunks while it waits for MissingBlobs, sealing and the upload stream's
-back-pressure. Unreadable entries become warnings (partial snapshot).
+Memory stays bounded: each thread holds at most one read budget of chunks
+while it waits for MissingBlobs, sealing and the upload stream's
+back-pressure; a large file at most BIG_FILE_INFLIGHT batches. Unreadable entries become warnings (partial snapshot).
 """
 
 from __future__ import annotations
@@ -29,11 +32,10 @@ import os
 import socket
 import stat
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from agent.filescache import FilesCache
 from agent.progress import ProgressReporter
@@ -69,6 +71,9 @@ BIG_FILE_INFLIGHT = 2  # batches of one large file being stored while the next i
 # Large files read at once. With BIG_FILE_INFLIGHT, this bounds the 8 MiB read blocks that
 # chunk views pin (docs/performance.md §Agent memory): ~4 at the peak instead of 9-11.
 BIG_FILES_AT_ONCE = 2
+PROGRESS_TICK = 0.25  # seconds between the event loop's looks at stage 2's counters
+# Sealing parts of one large file that may be pending when its next batch is read.
+_PARTS_IN_FLIGHT = (BIG_FILE_INFLIGHT - 1) * (READ_BUDGET // SEAL_PART)
 HITS_BATCH = 2048  # files-cache hits whose ids are confirmed together
 SMALL_GROUP_FILES = 256  # small files handled per thread call
 UPLOAD_BATCH = (
@@ -128,40 +133,143 @@ class _Dir(_Entry):
 _Unit = tuple[str, list["_Entry"]]
 
 
-def _first_error(eg: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The exception a task group's failure stands for: its first that is not a cancellation."""
-    leaves: list[BaseException] = []
-
-    def collect(e: BaseException) -> None:
-        if isinstance(e, BaseExceptionGroup):
-            for sub in e.exceptions:
-                collect(sub)
-        else:
-            leaves.append(e)
-
-    collect(eg)
-    # The most telling first: a refusal (disk full, permission) over a broken transport,
-    # which is often only the echo of the refusal on another stream of the same job.
-    for kind in (ClawbackError, Exception):
-        for e in leaves:
-            if isinstance(e, kind) and not isinstance(e, TransportError):
-                return e
-    for e in leaves:
-        if not isinstance(e, asyncio.CancelledError):
-            return e
-    return leaves[0] if leaves else eg
+def _no_emit(unit: _Unit) -> None:
+    pass
 
 
 class _Tally:
-    """What one thread call observed; merged into the run's counters on the event loop."""
+    """What one piece of stage-2 work observed; merged into the run's counters under a lock."""
 
-    __slots__ = ("bytes_read", "failed", "files_read", "notes")
+    __slots__ = (
+        "blobs_dedup",
+        "blobs_new",
+        "bytes_done",
+        "bytes_uploaded",
+        "data_new",
+        "failed",
+        "files_done",
+        "files_read",
+        "files_unchanged",
+        "notes",
+        "tree_new",
+    )
 
     def __init__(self) -> None:
-        self.bytes_read = 0
+        self.bytes_done = 0  # bytes read, or taken unchanged from the files cache
         self.files_read = 0
+        self.files_done = 0
+        self.files_unchanged = 0
+        self.blobs_dedup = 0
+        self.blobs_new = 0
+        self.bytes_uploaded = 0
+        self.data_new = 0
+        self.tree_new = 0
         self.failed: list[str] = []  # entries left out
         self.notes: list[str] = []  # warnings that do not drop the entry
+
+
+class _Stop(Exception):
+    """Raised in a stage-2 thread that waits while the run has failed: unwinds it quietly."""
+
+
+class _WorkList:
+    """Stage 2's work, shared by its threads (no event loop in the way).
+
+    Units from the walk run in order; urgent work (the sealing parts of large
+    files, which hold read blocks) runs first. A thread that must wait (a large
+    file with all its parts in flight) runs urgent work meanwhile, so waiting
+    never starves the sealing it waits for. The first failure stops every
+    thread; `take` returns None once the list is closed and drained.
+    """
+
+    def __init__(self) -> None:
+        self.cv = threading.Condition(threading.Lock())
+        self._urgent: deque[Callable[[], None]] = deque()
+        self._units: deque[Callable[[], None]] = deque()
+        self._running = 0
+        self._closed = False
+        self.error: BaseException | None = None
+
+    def add(self, fn: Callable[[], None], urgent: bool = False) -> None:
+        with self.cv:
+            (self._urgent if urgent else self._units).append(fn)
+            self.cv.notify()
+
+    def close(self) -> None:
+        """No more units will be added (urgent work may still be, by running work)."""
+        with self.cv:
+            self._closed = True
+            self.cv.notify_all()
+
+    def fail(self, exc: BaseException) -> None:
+        with self.cv:
+            if isinstance(exc, _Stop):
+                pass
+            elif self.error is None or (
+                # A refusal (disk full, permission) over a broken transport, which is often only
+                # the echo of the refusal on another stream of the same job.
+                isinstance(self.error, TransportError)
+                and isinstance(exc, ClawbackError)
+                and not isinstance(exc, TransportError)
+            ):
+                self.error = exc
+            self._urgent.clear()
+            self._units.clear()
+            self.cv.notify_all()
+
+    def run(self, fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except BaseException as exc:  # delivered to the run by `error`
+            self.fail(exc)
+
+    def take(self) -> Callable[[], None] | None:
+        with self.cv:
+            while True:
+                if self.error is not None:
+                    return None
+                if self._urgent:
+                    fn = self._urgent.popleft()
+                elif self._units:
+                    fn = self._units.popleft()
+                elif self._closed and not self._running:
+                    self.cv.notify_all()
+                    return None
+                else:
+                    self.cv.wait()
+                    continue
+                self._running += 1
+                return fn
+
+    def done(self) -> None:
+        with self.cv:
+            self._running -= 1
+            if not self._running:
+                self.cv.notify_all()
+
+    def wait_until(self, ready: Callable[[], bool]) -> None:
+        """Block until `ready()` (evaluated under `cv`), running urgent work meanwhile; raises
+        _Stop once the run has failed. Whoever makes `ready` true must notify `cv`."""
+        with self.cv:
+            while not ready():
+                if self.error is not None:
+                    raise _Stop
+                if self._urgent:
+                    fn = self._urgent.popleft()
+                    self.cv.release()
+                    try:
+                        self.run(fn)
+                    finally:
+                        self.cv.acquire()
+                    continue
+                self.cv.wait()
+
+    def thread_main(self) -> None:
+        while (fn := self.take()) is not None:
+            try:
+                self.run(fn)
+            finally:
+                self.done()
 
 
 class _Uploader:
@@ -252,9 +360,6 @@ class _Backup:
         self.chunker = Chunker(params(cfg.chunker))
         self.compressor = Compressor(cfg.compression)
         self.owners = Owners()
-        self.pool = ThreadPoolExecutor(
-            max_workers=self.workers, thread_name_prefix="clawback-backup"
-        )
         self.sealing: SealingKey | None = None
         self.warnings: list[str] = []
         self.errors = 0
@@ -266,12 +371,15 @@ class _Backup:
         self.files: list[_Entry] = []
         self.links: list[_Entry] = []  # hard links sharing a primary's content
         # Stage-2 units being gathered by the walk's thread (_route).
-        self._emit: Callable[[_Unit], None] = lambda _: None
+        self._emit: Callable[[_Unit], None] = _no_emit
         self._group: list[_Entry] = []
         self._group_size = 0
         self._hits: list[_Entry] = []
         self._warn_lock = threading.Lock()
-        self.big_files = asyncio.Semaphore(BIG_FILES_AT_ONCE)
+        self._lock = threading.Lock()  # the counters and `claimed`, shared by stage 2's threads
+        self.work = _WorkList()
+        self._big_active = 0  # large files being read (guarded by work.cv)
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.reporter = ProgressReporter(on_progress, clock)
         self.p = self.reporter.p
         self.files_read = 0
@@ -289,9 +397,6 @@ class _Backup:
 
     def progress(self, force: bool = False) -> None:
         self.reporter.report(force)
-
-    async def run_cpu(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
     # -- stage 1: walk -----------------------------------------------------------
 
@@ -521,14 +626,14 @@ class _Backup:
                 out.append((cid, c))
                 got += ln
                 if got >= budget:
-                    t.bytes_read += got
+                    t.bytes_done += got
                     return False
         except OSError as exc:
-            t.bytes_read += got
+            t.bytes_done += got
             os.close(fd)
             self._fail(t, f, f"{_show(f.path)}: read error: {exc.strerror}")
             return True
-        t.bytes_read += got
+        t.bytes_done += got
         os.close(fd)
         f.ids, f.sizes = tuple(ids), tuple(sizes)
         size = sum(sizes)
@@ -576,207 +681,256 @@ class _Backup:
         return fd
 
     def _merge(self, t: _Tally) -> None:
-        """Move what a thread call observed into the run's counters (event loop side)."""
-        for m in t.failed:
-            self.warn(m)
-        for m in t.notes:
-            if len(self.warnings) < MAX_WARNINGS:
-                self.warnings.append(m)
-        self.p.bytes_done += t.bytes_read
-        self.files_read += t.files_read
+        """Move what a piece of work observed into the run's counters (any thread)."""
+        with self._lock:
+            for m in t.failed:
+                self.warn(m)
+            for m in t.notes:
+                if len(self.warnings) < MAX_WARNINGS:
+                    self.warnings.append(m)
+            p = self.p
+            p.bytes_done += t.bytes_done
+            p.files_done += t.files_done
+            p.files_unchanged += t.files_unchanged
+            p.blobs_dedup += t.blobs_dedup
+            p.blobs_new += t.blobs_new
+            p.bytes_uploaded += t.bytes_uploaded
+            self.files_read += t.files_read
+            self.data_new += t.data_new
+            self.tree_new += t.tree_new
 
-    async def _store(
-        self, chunks: list[tuple[bytes, memoryview]] | list[tuple[bytes, bytes]], btype: int
-    ) -> None:
-        """Make sure every chunk is stored: dedup in the run, ask MissingBlobs, seal and upload the missing."""
-        claimed = self.claimed
+    def _missing(self, ids: list[bytes]) -> list[bool]:
+        """Thread: MissingBlobs, on the client's thread-side call when it has one."""
+        call: Callable[[Sequence[bytes]], list[bool]] | None = getattr(
+            self.repo, "missing_from_thread", None
+        )
+        if call is not None:
+            return call(ids)
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(self.repo.missing(ids), self._loop).result()
+
+    def _to_store(
+        self, t: _Tally, chunks: Sequence[tuple[bytes, memoryview | bytes]]
+    ) -> list[tuple[bytes, memoryview | bytes]]:
+        """Thread: the chunks this call must store. Dedup within the run (an id is claimed by
+        the first call that meets it with its data), then ask MissingBlobs for the rest."""
         mine: dict[bytes, memoryview | bytes] = {}
-        dup = 0
-        for cid, data in chunks:
-            if cid in claimed:
-                dup += 1
-                continue
-            claimed.add(cid)
-            mine[cid] = data
-        self.p.blobs_dedup += dup
+        with self._lock:
+            claimed = self.claimed
+            for cid, data in chunks:
+                if cid in claimed:
+                    t.blobs_dedup += 1
+                    continue
+                claimed.add(cid)
+                mine[cid] = data
         if not mine:
-            return
+            return []
         ids = list(mine)
         todo: list[tuple[bytes, memoryview | bytes]] = []
         for i in range(0, len(ids), MISSING_BATCH):
             part = ids[i : i + MISSING_BATCH]
-            flags = await self.repo.missing(part)
-            for cid, m in zip(part, flags, strict=True):
+            for cid, m in zip(part, self._missing(part), strict=True):
                 if m:
                     todo.append((cid, mine[cid]))
                 else:
-                    self.p.blobs_dedup += 1
-        if not todo:
-            return
-        n, nbytes = await self._seal_parallel(todo, btype)
-        self.p.blobs_new += n
-        self.p.bytes_uploaded += nbytes
-        if btype == DATA:
-            self.data_new += n
-        else:
-            self.tree_new += n
-
-    async def _seal_parallel(
-        self, todo: list[tuple[bytes, memoryview | bytes]], btype: int
-    ) -> tuple[int, int]:
-        """Seal and hand to the uploader in SEAL_PART-sized thread calls, so one batch keeps
-        every worker busy; (blobs, envelope bytes)."""
-        parts: list[list[tuple[bytes, memoryview | bytes]]] = [[]]
-        size = 0
-        for item in todo:
-            if size >= SEAL_PART:
-                parts.append([])
-                size = 0
-            parts[-1].append(item)
-            size += len(item[1])
-        done: list[tuple[int, int]] = await asyncio.gather(
-            *(self.run_cpu(self._seal_and_send, p, btype) for p in parts)
-        )
-        return sum(n for n, _ in done), sum(b for _, b in done)
+                    t.blobs_dedup += 1
+        return todo
 
     def _seal_and_send(
-        self, todo: list[tuple[bytes, memoryview | bytes]], btype: int
-    ) -> tuple[int, int]:
+        self, t: _Tally, todo: Sequence[tuple[bytes, memoryview | bytes]], btype: int
+    ) -> None:
         """Thread: seal blobs under the snapshot's data key and pass them to the upload streams."""
         key, comp = self.sealing, self.compressor
         assert key is not None
         blobs = [Blob(cid, btype, seal(key, cid, btype, data, comp)) for cid, data in todo]
+        del todo
         nbytes = sum(len(b.envelope or b"") for b in blobs)
         self.uploader.add_from_thread(blobs)
-        return len(blobs), nbytes
+        t.blobs_new += len(blobs)
+        t.bytes_uploaded += nbytes
+        if btype == DATA:
+            t.data_new += len(blobs)
+        else:
+            t.tree_new += len(blobs)
 
-    async def _check_hits(self, hits: list[_Entry]) -> None:
-        """Confirm the ids of files taken from the cache are stored; re-read the files whose ids are not."""
-        claimed = self.claimed
-        ask: list[bytes] = []
-        seen: set[bytes] = set()
-        for f in hits:
-            for cid in f.ids:
-                if cid not in claimed and cid not in seen:
-                    seen.add(cid)
-                    ask.append(cid)
-        lost: set[bytes] = set()
-        for i in range(0, len(ask), MISSING_BATCH):
-            part = ask[i : i + MISSING_BATCH]
-            flags = await self.repo.missing(part)
-            for cid, m in zip(part, flags, strict=True):
-                if m:
-                    lost.add(cid)
-                else:
-                    claimed.add(cid)
-        unchanged = 0
-        reread: list[_Entry] = []
-        for f in hits:
-            if lost and any(cid in lost for cid in f.ids):
-                self.cache.forget(f.rel)
-                reread.append(f)
-            else:
-                unchanged += 1
-                f.cached = True
-                self.p.blobs_dedup += len(f.ids)
-                self.p.bytes_done += f.node.size
-        self.p.files_unchanged += unchanged
-        self.p.files_done += unchanged
-        for f in reread:
-            await self._process([f])
-
-    async def _process(self, unit: list[_Entry]) -> None:
-        """Read a unit's files and store their chunks (files-cache hits never get here)."""
-        if len(unit) == 1 and unit[0].node.size >= READ_BUDGET:
-            f = unit[0]
-            async with self.big_files:
-                t = _Tally()
-                fd = await self.run_cpu(self._big_open, t, f)
-                self._merge(t)
-                if fd is not None:
-                    await self._big_file(f, fd)
-            self.p.files_done += 1
-            self.progress()
-            return
+    def _store_now(self, chunks: Sequence[tuple[bytes, memoryview | bytes]], btype: int) -> None:
+        """Thread: make sure every chunk is stored, sealing in this thread."""
         t = _Tally()
-        out = await self.run_cpu(self._small_group, t, unit)
+        todo = self._to_store(t, chunks)
+        if todo:
+            self._seal_and_send(t, todo, btype)
         self._merge(t)
-        self.p.files_done += len(unit)
-        await self._store(out, DATA)
-        del out
-        self.progress()
 
-    async def _big_file(self, f: _Entry, fd: int) -> None:
-        """Read one large file batch by batch, storing each batch while the next is read.
+    def _small_unit(self, group: list[_Entry]) -> None:
+        """Thread: read a group of small files and store their chunks."""
+        t = _Tally()
+        out = self._small_group(t, group)
+        t.files_done += len(group)
+        self._merge(t)
+        self._store_now(out, DATA)
 
-        Up to BIG_FILE_INFLIGHT batches are being stored (dedup, seal, upload) at
-        once: reading, sealing and the network overlap within the file. A store
-        that fails ends the task group, which cancels the read in progress.
-        """
-        chunks = self.chunker.chunks_of_fd(fd, f.node.size)
-        slots = asyncio.Semaphore(BIG_FILE_INFLIGHT)
-        done = False
-
-        async def store(out: list[tuple[bytes, memoryview]]) -> None:
-            try:
-                await self._store(out, DATA)
-            finally:
-                slots.release()
-            self.progress()
-
+    def _big_unit(self, f: _Entry) -> None:
+        """Thread: read one large file batch by batch; each batch's sealing is split into
+        urgent parts that every stage-2 thread helps with, while this one reads on."""
+        cv = self.work.cv
+        self.work.wait_until(lambda: self._big_active < BIG_FILES_AT_ONCE)
+        self._big_active += 1
         try:
-            async with asyncio.TaskGroup() as tg:
-                while not done:
-                    await slots.acquire()
-                    out: list[tuple[bytes, memoryview]] = []
-                    t = _Tally()
-                    done = await self.run_cpu(self._read_fd, t, f, fd, chunks, out, READ_BUDGET)
-                    self._merge(t)
-                    tg.create_task(store(out))
+            t = _Tally()
+            fd = self._big_open(t, f)
+            self._merge(t)
+            if fd is not None:
+                self._big_file(f, fd)
+        finally:
+            with cv:
+                self._big_active -= 1
+                cv.notify_all()
+        t = _Tally()
+        t.files_done = 1
+        self._merge(t)
+
+    def _big_file(self, f: _Entry, fd: int) -> None:
+        cv = self.work.cv
+        inflight = [0]  # parts of this file queued or being sealed
+
+        def seal_part(part: list[tuple[bytes, memoryview | bytes]]) -> None:
+            try:
+                t = _Tally()
+                self._seal_and_send(t, part, DATA)
+                self._merge(t)
+            finally:
+                with cv:
+                    inflight[0] -= 1
+                    cv.notify_all()
+
+        done = False
+        try:
+            chunks = self.chunker.chunks_of_fd(fd, f.node.size)
+            while not done:
+                # At most BIG_FILE_INFLIGHT batches stored at once: this one and what is left
+                # of the previous ones.
+                self.work.wait_until(lambda: inflight[0] <= _PARTS_IN_FLIGHT)
+                out: list[tuple[bytes, memoryview]] = []
+                t = _Tally()
+                done = self._read_fd(t, f, fd, chunks, out, READ_BUDGET)
+                todo = self._to_store(t, out)
+                del out
+                self._merge(t)
+                parts: list[list[tuple[bytes, memoryview | bytes]]] = []
+                size = SEAL_PART
+                for item in todo:
+                    if size >= SEAL_PART:
+                        parts.append([])
+                        size = 0
+                    parts[-1].append(item)
+                    size += len(item[1])
+                del todo
+                for part in parts:
+                    with cv:
+                        inflight[0] += 1
+                    self.work.add(lambda part=part: seal_part(part), urgent=True)  # type: ignore[misc]
+                del parts
         except BaseException:
             if not done:
                 with contextlib.suppress(OSError):
                     os.close(fd)
             raise
 
-    async def _file_task(self, queue: asyncio.Queue[_Unit | None]) -> None:
-        while (unit := await queue.get()) is not None:
-            kind, entries = unit
-            if kind == "hits":
-                await self._check_hits(entries)
+    def _hits_unit(self, hits: list[_Entry]) -> None:
+        """Thread: confirm the ids of files taken from the cache are stored; re-read the
+        files whose ids are not."""
+        t = _Tally()
+        ask: list[bytes] = []
+        with self._lock:
+            claimed = self.claimed
+            seen: set[bytes] = set()
+            for f in hits:
+                for cid in f.ids:
+                    if cid not in claimed and cid not in seen:
+                        seen.add(cid)
+                        ask.append(cid)
+        lost: set[bytes] = set()
+        found: list[bytes] = []
+        for i in range(0, len(ask), MISSING_BATCH):
+            part = ask[i : i + MISSING_BATCH]
+            for cid, m in zip(part, self._missing(part), strict=True):
+                (lost.add if m else found.append)(cid)
+        with self._lock:
+            self.claimed.update(found)
+        reread: list[_Entry] = []
+        for f in hits:
+            if lost and any(cid in lost for cid in f.ids):
+                self.cache.forget(f.rel)
+                reread.append(f)
             else:
-                await self._process(entries)
-        queue.put_nowait(None)  # the end of the stream, for the next task
+                f.cached = True
+                t.files_unchanged += 1
+                t.files_done += 1
+                t.blobs_dedup += len(f.ids)
+                t.bytes_done += f.node.size
+        self._merge(t)
+        small = [f for f in reread if f.node.size < READ_BUDGET]
+        for f in reread:
+            if f.node.size >= READ_BUDGET:
+                self._big_unit(f)
+        for i in range(0, len(small), SMALL_GROUP_FILES):
+            self._small_unit(small[i : i + SMALL_GROUP_FILES])
+
+    def _unit(self, unit: _Unit) -> Callable[[], None]:
+        kind, entries = unit
+        if kind == "hits":
+            return lambda: self._hits_unit(entries)
+        if len(entries) == 1 and entries[0].node.size >= READ_BUDGET:
+            return lambda: self._big_unit(entries[0])
+        return lambda: self._small_unit(entries)
 
     async def _walk_and_read(self) -> _Dir:
-        """Stages 1 and 2 together: the walk's thread feeds a queue that 2 x workers tasks drain."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[_Unit | None] = asyncio.Queue()
+        """Stages 1 and 2 together: the walk's thread adds units to the work list that the
+        stage-2 threads drain; the event loop only reports progress meanwhile."""
+        self._loop = loop = asyncio.get_running_loop()
+        work = self.work = _WorkList()
+        finished = asyncio.Event()
+        n_threads = self.workers + 1  # one more: there is often one waiting on the network
+        left = [n_threads]
+
+        def thread_main() -> None:
+            try:
+                work.thread_main()
+            finally:
+                with self._lock:
+                    left[0] -= 1
+                    last = not left[0]
+                if last:
+                    loop.call_soon_threadsafe(finished.set)
+
+        for i in range(n_threads):
+            threading.Thread(target=thread_main, name=f"clawback-backup_{i}", daemon=True).start()
 
         def emit(unit: _Unit) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, unit)
-
-        async def walk() -> _Dir:
-            # A thread of its own: the pool's threads keep reading while the walk goes on.
-            top = await asyncio.to_thread(self.walk, emit)
-            # Every unit the thread emitted is queued by now (its callbacks ran before this
-            # resumption). The rest follow the walk's final progress report: on a small
-            # tree, nothing is read before the walk is complete.
-            self.phases["walk"] = self.clock.monotonic() - self.t0
-            self.progress(force=True)
-            self._emit = queue.put_nowait
-            self._flush_units()
-            queue.put_nowait(None)
-            return top
+            work.add(self._unit(unit))
 
         try:
-            async with asyncio.TaskGroup() as tg:
-                walking = tg.create_task(walk())
-                for _ in range(self.workers * 2):
-                    tg.create_task(self._file_task(queue))
-        except BaseExceptionGroup as eg:
-            raise _first_error(eg) from None
-        return walking.result()
+            # A thread of its own: the stage-2 threads read while the walk goes on.
+            top = await asyncio.to_thread(self.walk, emit)
+            self.phases["walk"] = self.clock.monotonic() - self.t0
+            # The units not yet full follow the walk's final progress report: on a small
+            # tree, nothing is read before the walk is complete.
+            self.progress(force=True)
+            self._flush_units()
+            work.close()
+            while not finished.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(finished.wait(), PROGRESS_TICK)
+                self.progress()
+        except BaseException as exc:
+            work.fail(exc)  # the stage-2 threads stop at their next unit
+            raise
+        finally:
+            self._emit = _no_emit  # `emit` refers to self: leave no cycle behind
+        err, work.error = work.error, None  # its traceback refers to this run: no cycle
+        if err is not None:
+            raise err
+        return top
 
     # -- stage 3: trees ------------------------------------------------------------
 
@@ -847,10 +1001,10 @@ class _Backup:
             self.p.files_done += len(self.links)
             self.p.files_unchanged += sum(1 for f in self.links if f.primary and f.primary.cached)
             self.phases["files"] = self.clock.monotonic() - t0
-            root_id, parts, data_refs = await self.run_cpu(self._build_trees, top)
+            root_id, parts, data_refs = await asyncio.to_thread(self._build_trees, top)
             for m in self.warn_later:
                 self.warn(m)
-            await self._store(parts, TREE)
+            await asyncio.to_thread(self._store_now, parts, TREE)
             await self.uploader.close()
             self.phases["trees"] = self.clock.monotonic() - t0
             refs = sorted(data_refs | {i for i, _ in parts})
@@ -882,7 +1036,6 @@ class _Backup:
             raise
         finally:
             self.sealing = None  # drop the data key with the run
-            self.pool.shutdown(wait=False, cancel_futures=True)
         try:
             await asyncio.to_thread(self.cache.save)
         except OSError as exc:

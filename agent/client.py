@@ -23,6 +23,7 @@ from protos.clawback.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 
 UPLOAD_QUEUE = 2  # messages in flight per upload stream: back-pressure on the sealers
 UPLOAD_METHOD = "/clawback.v1.AgentService/UploadBlobs"
+MISSING_METHOD = "/clawback.v1.AgentService/MissingBlobs"
 
 
 def encode_upload(job_id: str, blobs: Sequence[Blob]) -> bytes:
@@ -300,6 +301,14 @@ class GrpcRepoClient:
         self.channel = channel
         self.upload_channel = upload_channel
         self.stub = agent_pb2_grpc.AgentServiceStub(channel)
+        if upload_channel is not None:
+            self._missing_call = upload_channel.unary_unary(
+                MISSING_METHOD,
+                request_serializer=agent_pb2.MissingBlobsRequest.SerializeToString,
+                response_deserializer=agent_pb2.MissingBlobsResponse.FromString,
+            )
+            # Found by the backup's threads (agent/backup.py `_missing`).
+            self.missing_from_thread = self._missing_sync
 
     async def missing(self, ids: Sequence[bytes]) -> list[bool]:
         out: list[bool] = []
@@ -309,6 +318,18 @@ class GrpcRepoClient:
                 resp = await self.stub.MissingBlobs(
                     agent_pb2.MissingBlobsRequest(ids=pack_ids(part))
                 )
+            except grpc.RpcError as exc:
+                raise error_from_rpc(exc, "missing-blobs query") from exc
+            out.extend(read_bitmap(resp.missing, len(part)))
+        return out
+
+    def _missing_sync(self, ids: Sequence[bytes]) -> list[bool]:
+        """`missing` from a worker thread, on the synchronous channel: no event-loop hop."""
+        out: list[bool] = []
+        for i in range(0, len(ids), MAX_IDS_PER_QUERY):
+            part = ids[i : i + MAX_IDS_PER_QUERY]
+            try:
+                resp = self._missing_call(agent_pb2.MissingBlobsRequest(ids=pack_ids(part)))
             except grpc.RpcError as exc:
                 raise error_from_rpc(exc, "missing-blobs query") from exc
             out.extend(read_bitmap(resp.missing, len(part)))
