@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.filescache import FilesCache
+from agent.filescache import NO_XATTRS, CacheHit, FilesCache
 from agent.progress import ProgressReporter
 from agent.repo import Blob, RepoClient, UploadStream
 from agent.tree import (
@@ -108,7 +108,7 @@ class _Entry:
     # No stat result either (656 B each): the node holds what the files cache compares. A
     # file's chunk ids and sizes stay out of its node (protobuf memory that grows on every
     # append, ~1 KiB per file) until its directory's tree is encoded.
-    __slots__ = ("cached", "ids", "node", "ok", "path", "primary", "rel", "sizes")
+    __slots__ = ("cached", "ids", "no_xattrs", "node", "ok", "path", "primary", "rel", "sizes")
 
     def __init__(self, node: repo_pb2.Node, path: bytes, rel: bytes) -> None:
         self.node = node
@@ -118,6 +118,7 @@ class _Entry:
         self.sizes: Sequence[int] = ()
         self.ok = True
         self.cached = False  # content ids taken from the files cache: the file was not read
+        self.no_xattrs = False  # known to have no xattrs (listed, or by the files cache)
         self.primary: _Entry | None = None  # hard link: the entry whose content this one shares
 
 
@@ -437,9 +438,10 @@ class _Backup:
             if enabled:
                 gc.enable()
 
-    def _route(self, f: _Entry) -> None:
+    def _route(self, f: _Entry, hit: CacheHit | None) -> None:
         """Walk thread: send one regular file (not a second hard link) on to stage 2."""
-        if self._lookup_cache(f):
+        if hit is not None:
+            f.ids, f.sizes = hit[0], hit[1]
             self._hits.append(f)
             if len(self._hits) >= HITS_BATCH:
                 self._emit(("hits", self._hits))
@@ -471,6 +473,7 @@ class _Backup:
         stack = [top]
         inodes: dict[tuple[int, int], _Entry] = {}
         owners, files, p = self.owners, self.files, self.p
+        cache_hit = self.cache.hit
         while stack:
             d = stack.pop()
             self.dirs.append(d)
@@ -500,15 +503,27 @@ class _Backup:
                         except OSError as exc:
                             self.warn(f"{_show(path)}: cannot read link: {exc.strerror}")
                             continue
-                    if not self._xattrs(n, path):
-                        continue
                     rel = d.rel + b"/" + name if d.rel else name
+                    # A file the files cache knows, with no xattrs then and the same ctime
+                    # now, has none now: setting or removing one changes the ctime.
+                    hit = (
+                        cache_hit(rel, n.size, n.mtime_ns, n.ctime_ns, n.inode, n.device)
+                        if kind == FILE
+                        else None
+                    )
+                    if hit is not None and hit[2] & NO_XATTRS:
+                        listed: bool | None = True
+                    else:
+                        listed = self._xattrs(n, path)
+                        if listed is None:
+                            continue
                     if kind == DIR:
                         sub = _Dir(n, path, rel)
                         stack.append(sub)
                         d.children.append(sub)
                         continue
                     ent = _Entry(n, path, rel)
+                    ent.no_xattrs = listed is True and not n.xattrs
                     d.children.append(ent)
                     if kind == FILE:
                         p.files_total += 1
@@ -522,7 +537,7 @@ class _Backup:
                             inodes[key] = ent
                         files.append(ent)
                         p.bytes_total += est.st_size
-                        self._route(ent)
+                        self._route(ent, hit)
             except OSError as exc:
                 self._drop_dir(d, f"{_show(d.path)}: cannot list directory: {exc.strerror}")
             finally:
@@ -536,28 +551,19 @@ class _Backup:
         if not d.rel:  # the root itself
             raise NotFound(msg)
 
-    def _xattrs(self, node: repo_pb2.Node, path: bytes) -> bool:
+    def _xattrs(self, node: repo_pb2.Node, path: bytes, fd: int | None = None) -> bool | None:
+        """Add the entry's xattrs (of `fd` when given) to `node`: True if listed, False if they
+        could not be (warned), None if the entry vanished (warned: leave it out)."""
         try:
-            xs = read_xattrs(path)
+            xs = read_xattrs(path if fd is None else fd)
         except OSError as exc:
-            if exc.errno == errno.ENOENT:
+            if exc.errno == errno.ENOENT and fd is None:
                 self.warn(f"{_show(path)}: vanished")
-                return False
+                return None
             self.warn(f"{_show(path)}: cannot read extended attributes: {exc.strerror}")
-            return True
+            return False
         if xs:
             add_xattrs(node, xs)
-        return True
-
-    # -- stage 2: files ------------------------------------------------------------
-
-    def _lookup_cache(self, f: _Entry) -> bool:
-        n = f.node
-        e = self.cache.lookup(f.rel, n.size, n.mtime_ns, n.ctime_ns, n.inode, n.device)
-        if e is None:
-            return False
-        f.ids, f.sizes = e[5], e[6]
-        n.size = e[0]
         return True
 
     def _open_file(self, f: _Entry, t: _Tally) -> int | None:
@@ -590,6 +596,10 @@ class _Backup:
             return None
         # A file replaced since the walk is backed up as it is now (fstat of what was opened).
         n = f.node
+        if st.st_ctime_ns != n.ctime_ns:
+            # Changed since the walk listed its xattrs: list them again, from what was opened.
+            del n.xattrs[:]
+            f.no_xattrs = self._xattrs(n, f.path, fd) is True and not n.xattrs
         n.size = st.st_size
         n.mode, n.uid, n.gid = st.st_mode & 0o7777, st.st_uid, st.st_gid
         n.mtime_ns, n.atime_ns, n.ctime_ns = st.st_mtime_ns, st.st_atime_ns, st.st_ctime_ns
@@ -645,7 +655,9 @@ class _Backup:
         n.size = size
         if size == stat_size:
             self.cache.record(
-                f.rel, (size, n.mtime_ns, n.ctime_ns, n.inode, n.device, f.ids, f.sizes)
+                f.rel,
+                (size, n.mtime_ns, n.ctime_ns, n.inode, n.device, f.ids, f.sizes),
+                NO_XATTRS if f.no_xattrs else 0,
             )
         return True
 
@@ -656,7 +668,11 @@ class _Backup:
             n = f.node
             if n.size == 0:
                 f.ids, f.sizes = (), ()
-                self.cache.record(f.rel, (0, n.mtime_ns, n.ctime_ns, n.inode, n.device, (), ()))
+                self.cache.record(
+                    f.rel,
+                    (0, n.mtime_ns, n.ctime_ns, n.inode, n.device, (), ()),
+                    NO_XATTRS if f.no_xattrs else 0,
+                )
                 t.files_read += 1
                 continue
             f.ids, f.sizes = [], []
@@ -963,8 +979,6 @@ class _Backup:
                 if n.type == FILE:
                     # The ids join the node only now (see _Entry), and leave the entry.
                     data_refs.update(c.ids)
-                    del n.content[:]
-                    del n.content_sizes[:]
                     n.content.extend(c.ids)
                     n.content_sizes.extend(c.sizes)
                     c.ids = c.sizes = ()

@@ -7,9 +7,12 @@ it. A cache that does not load is ignored with a warning: the worst case is
 reading every file again.
 
 In memory (and on disk since v2) each entry is one bytes value, not a tuple
-of Python objects: 40 bytes of stat fields, the 32-byte ids, then the 4-byte
-sizes (a 40,000-file cache: ~9 MiB instead of ~22 MiB as tuples). A v1
-cache (tuples) is converted when loaded and written back as v2.
+of Python objects: 40 bytes of stat fields, a flags byte (v3), the 32-byte
+ids, then the 4-byte sizes (a 40,000-file cache: ~9 MiB instead of ~22 MiB
+as tuples). Flag NO_XATTRS records that the file had no extended attributes:
+setting or removing one changes the ctime, so while the stat fields match the
+walk need not list them again. A v1 or v2 cache is converted when loaded
+(flags unknown: 0) and written back as v3.
 """
 
 from __future__ import annotations
@@ -26,17 +29,22 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"clawback files cache v2\n"
+MAGIC = b"clawback files cache v3\n"
+MAGIC_V2 = b"clawback files cache v2\n"
 MAGIC_V1 = b"clawback files cache v1\n"
+NO_XATTRS = 1  # entry flag: the file had no extended attributes
 _SAFE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
 
 # (size, mtime_ns, ctime_ns, inode, device, ids, sizes)
 Entry = tuple[int, int, int, int, int, tuple[bytes, ...], tuple[int, ...]]
+CacheHit = tuple[tuple[bytes, ...], tuple[int, ...], int]  # ids, sizes, flags
 
 _HEAD = struct.Struct("<QqqQQ")  # size, mtime_ns, ctime_ns, inode, device
+_FLAGS = _HEAD.size  # offset of the flags byte (v3)
+_BODY = _HEAD.size + 1  # offset of the ids
 _ID = 32
 _SIZE = 4  # a chunk's plaintext size (uint32, as Node.content_sizes)
-_ONE_CHUNK = _HEAD.size + _ID + _SIZE
+_ONE_CHUNK = _BODY + _ID + _SIZE
 _U32 = struct.Struct("<I")
 
 
@@ -49,35 +57,39 @@ def cache_path(cache_dir: Path, source: str) -> Path:
     return Path(cache_dir) / f"files.{stem}.cache"
 
 
-def encode_entry(entry: Entry) -> bytes:
+def encode_entry(entry: Entry, flags: int = 0) -> bytes:
     """An entry's compact form; raises struct.error / ValueError when a field does not fit."""
     size, mtime_ns, ctime_ns, inode, device, ids, sizes = entry
     if len(ids) != len(sizes):
         raise ValueError("ids and sizes differ in number")
+    head = _HEAD.pack(size, mtime_ns, ctime_ns, inode, device) + bytes((flags,))
     if len(ids) == 1:  # most files
-        return _HEAD.pack(size, mtime_ns, ctime_ns, inode, device) + ids[0] + _U32.pack(sizes[0])
-    return (
-        _HEAD.pack(size, mtime_ns, ctime_ns, inode, device)
-        + b"".join(ids)
-        + struct.pack(f"<{len(sizes)}I", *sizes)
-    )
+        return head + ids[0] + _U32.pack(sizes[0])
+    return head + b"".join(ids) + struct.pack(f"<{len(sizes)}I", *sizes)
+
+
+def _decode_body(value: bytes, size: int) -> tuple[tuple[bytes, ...], tuple[int, ...]]:
+    n, rest = divmod(len(value) - _BODY, _ID + _SIZE)
+    if n < 0 or rest:
+        raise ValueError("bad entry length")
+    end = _BODY + _ID * n
+    if n == 1:  # most files are one chunk
+        ids: tuple[bytes, ...] = (value[_BODY:end],)
+        sizes: tuple[int, ...] = (int.from_bytes(value[end:], "little"),)
+    else:
+        ids = tuple([value[o : o + _ID] for o in range(_BODY, end, _ID)])
+        sizes = struct.unpack_from(f"<{n}I", value, end)
+    if sum(sizes) != size:
+        raise ValueError("chunk sizes do not add up to the file size")
+    return ids, sizes
 
 
 def decode_entry(value: bytes) -> Entry:
     """The tuple form of a compact entry; raises ValueError if it is malformed."""
-    n, rest = divmod(len(value) - _HEAD.size, _ID + _SIZE)
-    if n < 0 or rest:
+    if len(value) < _BODY:
         raise ValueError("bad entry length")
     size, mtime_ns, ctime_ns, inode, device = _HEAD.unpack_from(value)
-    end = _HEAD.size + _ID * n
-    if n == 1:  # most files are one chunk
-        ids: tuple[bytes, ...] = (value[_HEAD.size : end],)
-        sizes: tuple[int, ...] = (int.from_bytes(value[end:], "little"),)
-    else:
-        ids = tuple([value[o : o + _ID] for o in range(_HEAD.size, end, _ID)])
-        sizes = struct.unpack_from(f"<{n}I", value, end)
-    if sum(sizes) != size:
-        raise ValueError("chunk sizes do not add up to the file size")
+    ids, sizes = _decode_body(value, size)
     return size, mtime_ns, ctime_ns, inode, device, ids, sizes
 
 
@@ -95,7 +107,7 @@ class FilesCache:
         self._old: dict[bytes, bytes] = {}
         self._new: dict[bytes, bytes] = {}
         self.loaded = False
-        self._migrated = False  # loaded from a v1 file: written back as v2 even if unchanged
+        self._migrated = False  # loaded from an older format: written back as v3 even if unchanged
 
     @classmethod
     def open(cls, cache_dir: Path, source: str, scope: str = "") -> FilesCache:
@@ -118,6 +130,15 @@ class FilesCache:
                 for key, value in entries.items():
                     if not _valid(key, value):
                         raise ValueError("bad entry")
+            elif raw.startswith(MAGIC_V2):
+                scope, old2 = _layout(marshal.loads(memoryview(raw)[len(MAGIC_V2) :]))
+                del raw
+                entries = {}
+                for key, value in old2.items():
+                    if not _valid_v2(key, value):
+                        raise ValueError("bad entry")
+                    entries[key] = value[:_FLAGS] + b"\x00" + value[_FLAGS:]
+                self._migrated = True
             elif raw.startswith(MAGIC_V1):
                 scope, old = _layout(marshal.loads(memoryview(raw)[len(MAGIC_V1) :]))
                 del raw
@@ -144,6 +165,15 @@ class FilesCache:
         self, key: bytes, size: int, mtime_ns: int, ctime_ns: int, inode: int, device: int
     ) -> Entry | None:
         """The cached entry if the stat tuple matches (and carry it into the new cache), else None."""
+        hit = self.hit(key, size, mtime_ns, ctime_ns, inode, device)
+        if hit is None:
+            return None
+        return size, mtime_ns, ctime_ns, inode, device, hit[0], hit[1]
+
+    def hit(
+        self, key: bytes, size: int, mtime_ns: int, ctime_ns: int, inode: int, device: int
+    ) -> CacheHit | None:
+        """`lookup` for the walk: (ids, sizes, flags) if the stat tuple matches, else None."""
         value = self._old.get(key)
         if value is None:
             return None
@@ -154,21 +184,21 @@ class FilesCache:
         if not value.startswith(head):
             return None
         if len(value) == _ONE_CHUNK:  # most files: decoded inline, this runs once per file
-            ids: tuple[bytes, ...] = (value[_HEAD.size : _HEAD.size + _ID],)
-            sizes: tuple[int, ...] = (int.from_bytes(value[_HEAD.size + _ID :], "little"),)
+            ids: tuple[bytes, ...] = (value[_BODY : _BODY + _ID],)
+            sizes: tuple[int, ...] = (int.from_bytes(value[_BODY + _ID :], "little"),)
             if sizes[0] != size:
                 return None
         else:
             try:
-                _, _, _, _, _, ids, sizes = decode_entry(value)
+                ids, sizes = _decode_body(value, size)
             except ValueError:  # damaged: read the file again
                 return None
         self._new[key] = value
-        return size, mtime_ns, ctime_ns, inode, device, ids, sizes
+        return ids, sizes, value[_FLAGS]
 
-    def record(self, key: bytes, entry: Entry) -> None:
+    def record(self, key: bytes, entry: Entry, flags: int = 0) -> None:
         try:
-            self._new[key] = encode_entry(entry)
+            self._new[key] = encode_entry(entry, flags)
         except (struct.error, ValueError):
             # Not representable (a chunk of 4 GiB or more, a negative size): the file is read
             # again next time, which is all a missing entry costs.
@@ -223,7 +253,16 @@ def _layout(obj: object) -> tuple[str, dict[Any, Any]]:
 
 
 def _valid(key: object, value: object) -> bool:
-    """A v2 entry's shape; sums are checked when an entry is used (decode_entry)."""
+    """A v3 entry's shape; sums are checked when an entry is used (decode_entry)."""
+    return (
+        isinstance(key, bytes)
+        and isinstance(value, bytes)
+        and len(value) >= _BODY
+        and (len(value) - _BODY) % (_ID + _SIZE) == 0
+    )
+
+
+def _valid_v2(key: object, value: object) -> bool:
     return (
         isinstance(key, bytes)
         and isinstance(value, bytes)
@@ -233,7 +272,7 @@ def _valid(key: object, value: object) -> bool:
 
 
 def _migrate(old: dict[Any, Any]) -> dict[bytes, bytes]:
-    """v1 (tuples) to v2 (compact bytes); raises ValueError on an entry v1 would have refused."""
+    """v1 (tuples) to v3 (compact bytes); raises ValueError on an entry v1 would have refused."""
     out: dict[bytes, bytes] = {}
     for key, value in old.items():
         if not _valid_v1(key, value):

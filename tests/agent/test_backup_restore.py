@@ -191,6 +191,43 @@ async def test_second_backup_reads_nothing_and_uploads_no_data(env: Env, workdir
     assert (workdir / "dst" / "small.txt").read_bytes() == b"changed"
 
 
+async def test_unchanged_files_without_xattrs_are_not_listed_again(
+    env: Env, workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A files-cache hit that had no xattrs is not listed again (its ctime would have moved);
+    one that gains an xattr is listed, and the snapshot carries the new xattr."""
+    from agent import backup as backup_mod
+
+    src = workdir / "src"
+    src.mkdir()
+    for i in range(5):
+        (src / f"plain{i}").write_bytes(b"%d" % i)
+    (src / "tagged").write_bytes(b"t")
+    os.setxattr(src / "tagged", b"user.tag", b"1")
+    await backup(env, src)
+    listed: list[bytes | int] = []
+    real = backup_mod.read_xattrs
+
+    def counting(path: bytes | int) -> list[tuple[bytes, bytes]]:
+        listed.append(path)
+        return real(path)
+
+    monkeypatch.setattr(backup_mod, "read_xattrs", counting)
+    r2 = await backup(env, src)
+    assert r2.files_read == 0
+    names = {os.path.basename(p) for p in listed if isinstance(p, bytes)}
+    assert names == {b"src", b"tagged"}  # the root directory, and the file that has xattrs
+    os.setxattr(src / "plain0", b"user.new", b"yes")  # content unchanged, ctime moves
+    listed.clear()
+    r3 = await backup(env, src)
+    assert r3.files_read == 1  # the stat tuple no longer matches: read again
+    assert b"plain0" in {os.path.basename(p) for p in listed if isinstance(p, bytes)}
+    dst = workdir / "dst"
+    assert (await restore(env, r3.info, dst)).errors == []
+    assert os.getxattr(dst / "plain0", b"user.new") == b"yes"
+    assert os.getxattr(dst / "tagged", b"user.tag") == b"1"
+
+
 async def test_cache_hit_whose_blobs_vanished_is_reread(
     env: Env, workdir: Path, tmp_path: Path
 ) -> None:

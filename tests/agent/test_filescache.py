@@ -95,7 +95,7 @@ def test_per_source_files_and_unsafe_names(tmp_path: Path) -> None:
     assert os.stat(cache_path(tmp_path / "new" / "dir", "x")).st_mode & 0o077 == 0
 
 
-def test_a_v1_cache_is_migrated_and_written_back_as_v2(tmp_path: Path) -> None:
+def test_a_v1_cache_is_migrated_and_written_back_as_v3(tmp_path: Path) -> None:
     import marshal
 
     from agent.filescache import MAGIC, MAGIC_V1
@@ -108,7 +108,7 @@ def test_a_v1_cache_is_migrated_and_written_back_as_v2(tmp_path: Path) -> None:
     assert c.loaded and len(c) == 2
     assert c.lookup(b"f", *ENTRY[:5]) == ENTRY
     assert c.lookup(b"e", 0, 1, 2, 3, 4) == (0, 1, 2, 3, 4, (), ())
-    assert c.changed and c.save()  # unchanged entries, but the file is rewritten as v2
+    assert c.changed and c.save()  # unchanged entries, but the file is rewritten as v3
     assert p.read_bytes().startswith(MAGIC)
     c2 = FilesCache.open(tmp_path, "src", scope="repo-a")
     assert c2.lookup(b"f", *ENTRY[:5]) == ENTRY
@@ -128,3 +128,36 @@ def test_entries_are_compact_and_unrepresentable_ones_are_not_kept(tmp_path: Pat
     assert len(c2) == 1
     assert c2.lookup(b"big", *big[:5]) == big
     assert c2.lookup(b"big", -1, -5, 7, 2**64 - 1, 0) is None  # an unpackable query is a miss
+
+
+def test_a_v2_cache_is_migrated_with_flags_unknown(tmp_path: Path) -> None:
+    import marshal
+    import struct
+
+    from agent.filescache import MAGIC, MAGIC_V2
+
+    head = struct.pack("<QqqQQ", *ENTRY[:5])
+    v2 = head + b"".join(IDS) + struct.pack("<2I", *ENTRY[6])
+    p = cache_path(tmp_path, "src")
+    p.write_bytes(MAGIC_V2 + marshal.dumps(("repo-a", {b"f": v2})))
+    c = FilesCache.open(tmp_path, "src", scope="repo-a")
+    assert c.lookup(b"f", *ENTRY[:5]) == ENTRY
+    assert c.hit(b"f", *ENTRY[:5]) == (IDS, (10, 20), 0)  # xattrs unknown: listed again
+    assert c.changed and c.save()
+    assert p.read_bytes().startswith(MAGIC)
+    assert FilesCache.open(tmp_path, "src", scope="repo-a").lookup(b"f", *ENTRY[:5]) == ENTRY
+
+
+def test_flags_are_kept_with_the_entry(tmp_path: Path) -> None:
+    from agent.filescache import NO_XATTRS
+
+    c = FilesCache.open(tmp_path, "src")
+    c.record(b"plain", ENTRY, NO_XATTRS)
+    c.record(b"with-xattrs", ENTRY)
+    c.save()
+    c2 = FilesCache.open(tmp_path, "src")
+    assert c2.hit(b"plain", *ENTRY[:5]) == (IDS, (10, 20), NO_XATTRS)
+    assert c2.hit(b"with-xattrs", *ENTRY[:5]) == (IDS, (10, 20), 0)
+    c2.save()  # carried over as they were
+    c3 = FilesCache.open(tmp_path, "src")
+    assert c3.hit(b"plain", *ENTRY[:5]) == (IDS, (10, 20), NO_XATTRS)
