@@ -14,7 +14,7 @@ Stages (restic's scanner / file saver / tree saver split):
 3. trees: every directory's Tree, bottom-up, sealed and uploaded the same way,
    then the root (a one-node Tree named '.');
 4. commit: close the streams (blobs durable), store the wrapped key, commit
-   the snapshot with its sorted reference list, then save the files cache.
+   the snapshot with its reference list, then save the files cache.
 
 Memory stays bounded: each thread holds at most one read budget of chunks
 while it waits for MissingBlobs, sealing and the upload stream's
@@ -1016,12 +1016,14 @@ class _Backup:
             self.p.files_unchanged += sum(1 for f in self.links if f.primary and f.primary.cached)
             self.phases["files"] = self.clock.monotonic() - t0
             root_id, parts, data_refs = await asyncio.to_thread(self._build_trees, top)
+            self.phases["tree-build"] = self.clock.monotonic() - t0
             for m in self.warn_later:
                 self.warn(m)
             await asyncio.to_thread(self._store_now, parts, TREE)
+            self.phases["tree-upload"] = self.clock.monotonic() - t0
             await self.uploader.close()
             self.phases["trees"] = self.clock.monotonic() - t0
-            refs = sorted(data_refs | {i for i, _ in parts})
+            refs = list(data_refs.union(i for i, _ in parts))  # any order: the coordinator sorts
             del parts
             info.root = root_id
             info.key_ids.append(wrapped.key_id)
@@ -1043,6 +1045,7 @@ class _Backup:
             s.errors = self.errors
             s.duration_s = self.clock.monotonic() - t0
             await self.repo.put_keys([wrapped])  # design.md §Write ordering 3: key before snapshot
+            self.phases["key"] = self.clock.monotonic() - t0
             await self.repo.commit(info, refs)
             self.phases["commit"] = self.clock.monotonic() - t0
         except BaseException:

@@ -39,11 +39,11 @@ _ID_OF_K = f"blobs.id = substr(?1, k.i * {ID_SIZE} + 1, {ID_SIZE})"
 MISSING_SQL = (
     f"{_EACH_ID}SELECT group_concat(k.i) FROM k JOIN blobs INDEXED BY blobs_ids ON {_ID_OF_K}"
 )
-# The data keys of a commit's references, in the same one-statement form (the wide table:
-# key_id is not in blobs_ids).
+# The data keys of a commit's references and how many of them are indexed, in the same
+# one-statement form (the wide table: key_id is not in blobs_ids). One pass serves both
+# checks of a commit; a NULL key_id group counts blobs indexed without a key.
 KEY_IDS_SQL = (
-    f"{_EACH_ID}SELECT DISTINCT blobs.key_id FROM k JOIN blobs ON {_ID_OF_K} "
-    "WHERE blobs.key_id IS NOT NULL"
+    f"{_EACH_ID}SELECT blobs.key_id, count(*) FROM k JOIN blobs ON {_ID_OF_K} GROUP BY blobs.key_id"
 )
 T = TypeVar("T")
 
@@ -138,6 +138,10 @@ class Catalog(Protocol):
 
     def blob_key_ids(self, ids: Sequence[bytes]) -> set[bytes]:
         """The distinct data keys recorded for these blobs."""
+
+    def ref_keys(self, ids: Sequence[bytes]) -> tuple[int, set[bytes]]:
+        """How many of the distinct ids are indexed, and their distinct data keys: a commit's
+        two checks in one pass."""
 
     def get_keys(self, key_ids: Iterable[bytes]) -> dict[bytes, common_pb2.WrappedKey]:
         """The stored keys among `key_ids`; absent ones are left out."""
@@ -564,15 +568,20 @@ class SqliteCatalog:
 
     def blob_key_ids(self, ids: Sequence[bytes]) -> set[bytes]:
         """The distinct data keys that sealed these blobs (blobs indexed without one are skipped)."""
+        return self.ref_keys(ids)[1]
 
+    def ref_keys(self, ids: Sequence[bytes]) -> tuple[int, set[bytes]]:
         unique = sorted({i for i in ids if len(i) == ID_SIZE})
 
-        def run(conn: sqlite3.Connection) -> set[bytes]:
-            out: set[bytes] = set()
+        def run(conn: sqlite3.Connection) -> tuple[int, set[bytes]]:
+            found = 0
+            keys: set[bytes] = set()
             for chunk in _chunks(unique, MAX_IDS_PER_QUERY):
-                rows = conn.execute(KEY_IDS_SQL, (b"".join(chunk), len(chunk)))
-                out.update(r[0] for r in rows)
-            return out
+                for key_id, n in conn.execute(KEY_IDS_SQL, (b"".join(chunk), len(chunk))):
+                    found += n
+                    if key_id is not None:
+                        keys.add(key_id)
+            return found, keys
 
         return self._read(run)
 

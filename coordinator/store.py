@@ -7,6 +7,7 @@ core.chunkid; an import-linter contract enforces it).
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import re
 import shutil
@@ -462,17 +463,20 @@ class BlobStore:
         ordered = sorted_refs(refs)
         if len(info.root) != ID_SIZE:
             raise UsageError(f"snapshot {snapshot_id}: root id of {len(info.root)} bytes")
-        if info.root not in set(ordered):
+        i = bisect.bisect_left(ordered, info.root)
+        if i == len(ordered) or ordered[i] != info.root:
             raise UsageError(f"snapshot {snapshot_id}: the root tree is not in the reference list")
-        missing = [r for r, m in zip(ordered, self.catalog.missing(ordered), strict=True) if m]
-        if missing:
-            raise NotFound(
-                f"snapshot {snapshot_id}: {len(missing)} referenced blobs are not stored "
-                f"(first: {missing[0].hex()})"
-            )
         # Every key needed to read the snapshot: its own, and those of the older blobs it
         # deduplicated against (from the envelopes' clear key ids). Restores fetch exactly these.
-        key_ids = sorted(set(info.key_ids) | self.catalog.blob_key_ids(ordered))
+        # The same pass counts the references that are indexed.
+        found, blob_keys = self.catalog.ref_keys(ordered)
+        if found != len(ordered):
+            missing = [r for r, m in zip(ordered, self.catalog.missing(ordered), strict=True) if m]
+            raise NotFound(
+                f"snapshot {snapshot_id}: {len(missing)} referenced blobs are not stored "
+                f"(first: {missing[0].hex() if missing else '?'})"
+            )
+        key_ids = sorted(set(info.key_ids) | blob_keys)
         del info.key_ids[:]
         info.key_ids.extend(key_ids)
         have = self.catalog.get_keys(key_ids)

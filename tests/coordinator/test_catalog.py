@@ -71,6 +71,20 @@ def test_add_pack_and_missing(catalog: Catalog) -> None:
     assert [tuple(r) for r in catalog.iter_packs()] == [(b"p" * 32, 1044, 10, 7)]
 
 
+def test_ref_keys_counts_indexed_ids_and_names_their_keys(catalog: Catalog) -> None:
+    ents = entries(6)
+    k1, k2 = b"1" * 16, b"2" * 16
+    keys = {ents[0].id: k1, ents[1].id: k1, ents[2].id: k2}  # 3..5 indexed without a key
+    catalog.add_pack(b"p" * 32, 600, 1, ents, keys)
+    ids = [e.id for e in ents]
+    absent = (99).to_bytes(32, "big")
+    assert catalog.ref_keys(ids) == (6, {k1, k2})
+    assert catalog.ref_keys([*ids, ids[0], absent, b"short"]) == (6, {k1, k2})  # distinct ids
+    assert catalog.ref_keys([absent]) == (0, set())
+    assert catalog.ref_keys(ids[3:]) == (3, set())
+    assert catalog.blob_key_ids(ids) == {k1, k2}
+
+
 def test_duplicate_blob_keeps_first_location(catalog: Catalog) -> None:
     catalog.add_pack(b"a" * 32, 100, 1, entries(3))
     assert catalog.add_pack(b"b" * 32, 100, 2, entries(4)) == 1
