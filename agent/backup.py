@@ -108,11 +108,11 @@ class _Entry:
     # No stat result either (656 B each): the node holds what the files cache compares. A
     # file's chunk ids and sizes stay out of its node (protobuf memory that grows on every
     # append, ~1 KiB per file) until its directory's tree is encoded.
-    __slots__ = ("cached", "ids", "no_xattrs", "node", "ok", "path", "primary", "rel", "sizes")
+    # No absolute path either: `_Backup.path` makes it from the root when needed.
+    __slots__ = ("cached", "ids", "no_xattrs", "node", "ok", "primary", "rel", "sizes")
 
-    def __init__(self, node: repo_pb2.Node, path: bytes, rel: bytes) -> None:
+    def __init__(self, node: repo_pb2.Node, rel: bytes) -> None:
         self.node = node
-        self.path = path  # absolute, for opening
         self.rel = rel  # relative to the root: the files cache key
         self.ids: Sequence[bytes] = ()  # a list while the file is read, then a tuple
         self.sizes: Sequence[int] = ()
@@ -125,8 +125,8 @@ class _Entry:
 class _Dir(_Entry):
     __slots__ = ("children",)
 
-    def __init__(self, node: repo_pb2.Node, path: bytes, rel: bytes) -> None:
-        super().__init__(node, path, rel)
+    def __init__(self, node: repo_pb2.Node, rel: bytes) -> None:
+        super().__init__(node, rel)
         self.children: list[_Entry] = []
 
 
@@ -136,6 +136,9 @@ _Unit = tuple[str, list["_Entry"]]
 
 def _no_emit(unit: _Unit) -> None:
     pass
+
+
+_RELEASED = repo_pb2.Node()  # an entry's node once its directory's tree is encoded
 
 
 class _Tally:
@@ -386,6 +389,7 @@ class _Backup:
         self.files_read = 0
         self.data_new = 0
         self.tree_new = 0
+        self.bytes_ok = 0  # the snapshot's file bytes, summed as the trees are built
 
     # -- helpers -----------------------------------------------------------------
 
@@ -400,6 +404,10 @@ class _Backup:
         self.reporter.report(force)
 
     # -- stage 1: walk -----------------------------------------------------------
+
+    def path(self, e: _Entry) -> bytes:
+        """An entry's absolute path (for opening and for messages)."""
+        return self.root + b"/" + e.rel if e.rel else self.root
 
     def _open_dir(self, path: bytes) -> int:
         flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -469,7 +477,7 @@ class _Backup:
         st = self.check_root()
         node = node_from_stat(ROOT_NAME, st, self.owners)
         self._xattrs(node, self.root)
-        top = _Dir(node, self.root, b"")
+        top = _Dir(node, b"")
         stack = [top]
         inodes: dict[tuple[int, int], _Entry] = {}
         owners, files, p = self.owners, self.files, self.p
@@ -478,15 +486,16 @@ class _Backup:
             d = stack.pop()
             self.dirs.append(d)
             try:
-                fd = self._open_dir(d.path)
+                dpath = self.path(d)
+                fd = self._open_dir(dpath)
             except OSError as exc:
-                self._drop_dir(d, f"{_show(d.path)}: cannot open directory: {exc.strerror}")
+                self._drop_dir(d, f"{_show(dpath)}: cannot open directory: {exc.strerror}")
                 continue
             try:
                 with os.scandir(fd) as it:
                     listing = [(os.fsencode(e.name), e) for e in it]
                 for name, e in listing:
-                    path = d.path + b"/" + name
+                    path = dpath + b"/" + name
                     try:
                         est = e.stat(follow_symlinks=False)
                     except OSError as exc:
@@ -518,11 +527,11 @@ class _Backup:
                         if listed is None:
                             continue
                     if kind == DIR:
-                        sub = _Dir(n, path, rel)
+                        sub = _Dir(n, rel)
                         stack.append(sub)
                         d.children.append(sub)
                         continue
-                    ent = _Entry(n, path, rel)
+                    ent = _Entry(n, rel)
                     ent.no_xattrs = listed is True and not n.xattrs
                     d.children.append(ent)
                     if kind == FILE:
@@ -539,7 +548,7 @@ class _Backup:
                         p.bytes_total += est.st_size
                         self._route(ent, hit)
             except OSError as exc:
-                self._drop_dir(d, f"{_show(d.path)}: cannot list directory: {exc.strerror}")
+                self._drop_dir(d, f"{_show(dpath)}: cannot list directory: {exc.strerror}")
             finally:
                 os.close(fd)
         return top
@@ -572,34 +581,34 @@ class _Backup:
         try:
             if self.noatime:
                 try:
-                    fd = os.open(f.path, flags | self.noatime)
+                    fd = os.open(self.path(f), flags | self.noatime)
                 except PermissionError:
                     self.noatime = 0
-                    fd = os.open(f.path, flags)
+                    fd = os.open(self.path(f), flags)
             else:
-                fd = os.open(f.path, flags)
+                fd = os.open(self.path(f), flags)
         except OSError as exc:
             what = "vanished" if exc.errno == errno.ENOENT else exc.strerror
             if exc.errno == errno.ELOOP:
                 what = "changed type (now a symlink)"
-            self._fail(t, f, f"{_show(f.path)}: {what}")
+            self._fail(t, f, f"{_show(self.path(f))}: {what}")
             return None
         try:
             st = os.fstat(fd)
         except OSError as exc:
             os.close(fd)
-            self._fail(t, f, f"{_show(f.path)}: {exc.strerror}")
+            self._fail(t, f, f"{_show(self.path(f))}: {exc.strerror}")
             return None
         if not stat.S_ISREG(st.st_mode):
             os.close(fd)
-            self._fail(t, f, f"{_show(f.path)}: changed type while backing up")
+            self._fail(t, f, f"{_show(self.path(f))}: changed type while backing up")
             return None
         # A file replaced since the walk is backed up as it is now (fstat of what was opened).
         n = f.node
         if st.st_ctime_ns != n.ctime_ns:
             # Changed since the walk listed its xattrs: list them again, from what was opened.
             del n.xattrs[:]
-            f.no_xattrs = self._xattrs(n, f.path, fd) is True and not n.xattrs
+            f.no_xattrs = self._xattrs(n, self.path(f), fd) is True and not n.xattrs
         n.size = st.st_size
         n.mode, n.uid, n.gid = st.st_mode & 0o7777, st.st_uid, st.st_gid
         n.mtime_ns, n.atime_ns, n.ctime_ns = st.st_mtime_ns, st.st_atime_ns, st.st_ctime_ns
@@ -641,7 +650,7 @@ class _Backup:
         except OSError as exc:
             t.bytes_done += got
             os.close(fd)
-            self._fail(t, f, f"{_show(f.path)}: read error: {exc.strerror}")
+            self._fail(t, f, f"{_show(self.path(f))}: read error: {exc.strerror}")
             return True
         t.bytes_done += got
         os.close(fd)
@@ -650,7 +659,7 @@ class _Backup:
         stat_size = n.size  # as fstat saw it when the file was opened
         if size != stat_size:
             t.notes.append(
-                f"{_show(f.path)}: file shrank while being read ({stat_size} -> {size} bytes)"
+                f"{_show(self.path(f))}: file shrank while being read ({stat_size} -> {size} bytes)"
             )
         n.size = size
         if size == stat_size:
@@ -961,7 +970,7 @@ class _Backup:
             if not prim.ok:
                 link.ok = False
                 self.warn_later.append(
-                    f"{_show(link.path)}: hard link to an unreadable file, skipped"
+                    f"{_show(self.path(link))}: hard link to an unreadable file, skipped"
                 )
                 continue
             n, pn = link.node, prim.node
@@ -982,8 +991,13 @@ class _Backup:
                     n.content.extend(c.ids)
                     n.content_sizes.extend(c.sizes)
                     c.ids = c.sizes = ()
+                    self.bytes_ok += n.size
                 nodes.append(n)
+                # Encoded below and needed no more: a node that holds its ids is ~1 KiB
+                # larger, and all of them at once were the run's peak.
+                c.node = _RELEASED
             parts = encode_tree(nodes)
+            del nodes
             ids = [blob_id(p) for p in parts]
             for i, p in zip(ids, parts, strict=True):
                 parts_out.setdefault(i, p)
@@ -1036,9 +1050,7 @@ class _Backup:
                 - sum(1 for f in self.links if not f.ok)
             )
             s.dirs = sum(1 for d in self.dirs if d.ok)
-            s.bytes = sum(f.node.size for f in self.files if f.ok) + sum(
-                f.node.size for f in self.links if f.ok
-            )
+            s.bytes = self.bytes_ok
             s.blobs_new = p.blobs_new
             s.bytes_new = p.bytes_uploaded
             s.files_unchanged = p.files_unchanged
