@@ -68,9 +68,10 @@ READ_BUDGET = 4 * 1024 * 1024  # plaintext bytes a file task gathers before dedu
 # Plaintext bytes per sealing thread call: a batch is split over the workers.
 SEAL_PART = 1024 * 1024
 BIG_FILE_INFLIGHT = 2  # batches of one large file being stored while the next is read
-# Large files read at once. With BIG_FILE_INFLIGHT, this bounds the 8 MiB read blocks that
-# chunk views pin (docs/performance.md §Agent memory): ~4 at the peak instead of 9-11.
-BIG_FILES_AT_ONCE = 2
+# Large files read at once. With BIG_FILE_INFLIGHT, this bounds the read blocks that chunk
+# views pin (docs/performance.md §Agent memory). One is enough: every stage-2 thread helps
+# seal its batches, and the other threads read small files meanwhile.
+BIG_FILES_AT_ONCE = 1
 PROGRESS_TICK = 0.25  # seconds between the event loop's looks at stage 2's counters
 # Sealing parts of one large file that may be pending when its next batch is read.
 _PARTS_IN_FLIGHT = (BIG_FILE_INFLIGHT - 1) * (READ_BUDGET // SEAL_PART)
