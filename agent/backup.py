@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import errno
 import gc
+import itertools
 import logging
 import os
 import socket
@@ -37,9 +38,10 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent.client import UploadBuilder
 from agent.filescache import NO_XATTRS, CacheHit, FilesCache
 from agent.progress import ProgressReporter
-from agent.repo import Blob, RepoClient, UploadStream
+from agent.repo import RepoClient, UploadStream
 from agent.tree import (
     DIR,
     FILE,
@@ -53,9 +55,9 @@ from core.chunker import Chunker, params
 from core.chunkid import IdHasher
 from core.clock import SYSTEM, Clock
 from core.compression import Compressor
-from core.envelope import SealingKey, seal
+from core.envelope import OVERHEAD, Prepared, SealingKey, seal_into
 from core.errors import ClawbackError, KeyMaterialError, NotFound, TransportError, UsageError
-from core.format import MAX_IDS_PER_QUERY, RepoConfig
+from core.format import MAX_IDS_PER_QUERY, TREE_PART_SIZE, RepoConfig
 from core.keys import KeyProvider
 from core.tree import ROOT_NAME, encode_root, encode_tree
 from protos.clawback.v1 import common_pb2, repo_pb2
@@ -278,70 +280,78 @@ class _WorkList:
 
 
 class _Uploader:
-    """Batches sealed blobs into ~UPLOAD_BATCH messages spread round-robin over a few upload streams.
+    """Seals blobs straight into ~UPLOAD_BATCH messages, one builder per upload stream.
 
-    Fed by the sealing threads (`add_from_thread`): a stream that takes messages
-    from a thread (`put`, agent/client.py's _ThreadUpload) gets them directly and
-    blocks the sealer while it is congested; any other stream is sent to through
-    the event loop.
+    A sealing thread compresses outside any lock (envelope.Prepared), then
+    encrypts into the next builder in turn under its lock; a full message
+    goes to that builder's stream. A stream that takes messages from a thread
+    (`put_message`, agent/client.py's _ThreadUpload) gets them directly and
+    blocks the sealer while it is congested; any other stream is sent to
+    through the event loop.
     """
 
-    def __init__(self, repo: RepoClient, job_id: str, n_streams: int) -> None:
+    def __init__(self, repo: RepoClient, job_id: str, n_streams: int, max_envelope: int) -> None:
         self._repo, self._job_id, self._n = repo, job_id, n_streams
+        self._capacity = UPLOAD_BATCH + max_envelope + 1024  # a full batch, then one more blob
         self._streams: list[UploadStream] = []
-        self._stream_locks: list[threading.Lock] = []
-        self._lock = threading.Lock()
-        self._buf: list[Blob] = []
-        self._buf_bytes = 0
-        self._next = 0
+        self._builders: list[tuple[threading.Lock, UploadBuilder]] = []
+        self._turn = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         for _ in range(self._n):
             self._streams.append(await self._repo.open_upload(self._job_id))
-            self._stream_locks.append(threading.Lock())
+            self._builders.append((threading.Lock(), UploadBuilder(self._capacity)))
 
-    def _take(self) -> tuple[list[Blob], int]:
-        batch, self._buf, self._buf_bytes = self._buf, [], 0
-        i = self._next
-        self._next = (i + 1) % len(self._streams)
-        return batch, i
+    def seal_and_add(
+        self,
+        key: SealingKey,
+        blob_id: bytes,
+        btype: int,
+        plaintext: memoryview | bytes,
+        compressor: Compressor,
+    ) -> int:
+        """Thread: seal one blob into a message; its envelope's size."""
+        blob = Prepared(key, blob_id, btype, plaintext, compressor)
+        i = next(self._turn) % len(self._builders)
+        lock, builder = self._builders[i]
+        with lock:
+            seal_into(key, blob, builder.reserve(blob_id, btype, blob.size))
+            msg = builder.take() if builder.fill >= UPLOAD_BATCH else None
+        if msg is not None:
+            self._send_from_thread(i, msg)
+        return blob.size
 
-    def add_from_thread(self, blobs: Sequence[Blob]) -> None:
-        for b in blobs:
-            with self._lock:
-                self._buf.append(b)
-                self._buf_bytes += len(b.envelope or b"")
-                if self._buf_bytes < UPLOAD_BATCH:
-                    continue
-                batch, i = self._take()
-            self._send_from_thread(i, batch)
-
-    def _send_from_thread(self, i: int, batch: list[Blob]) -> None:
+    def _send_from_thread(self, i: int, msg: bytes) -> None:
         stream = self._streams[i]
-        with self._stream_locks[i]:
-            put: Callable[[Sequence[Blob]], None] | None = getattr(stream, "put", None)
-            if put is not None:
-                put(batch)
-            else:
-                assert self._loop is not None
-                asyncio.run_coroutine_threadsafe(stream.send(batch), self._loop).result()
+        put: Callable[[bytes], None] | None = getattr(stream, "put_message", None)
+        if put is not None:
+            put(msg)
+        else:
+            assert self._loop is not None
+            asyncio.run_coroutine_threadsafe(stream.send_message(msg), self._loop).result()
+
+    def _flush_from_thread(self) -> None:
+        for i, (lock, builder) in enumerate(self._builders):
+            with lock:
+                msg = builder.take() if builder.fill else None
+            if msg is not None:
+                self._send_from_thread(i, msg)
 
     async def close(self) -> None:
-        with self._lock:
-            batch, i = self._take() if self._buf else ([], 0)
-        if batch:
-            await asyncio.to_thread(self._send_from_thread, i, batch)
+        await asyncio.to_thread(self._flush_from_thread)
         # Closing waits for the coordinator to make the stream's blobs durable: all at once.
         await asyncio.gather(*(s.close() for s in self._streams))
         self._streams = []
+        self._builders = []
 
     async def abort(self) -> None:
         for s in self._streams:
             with contextlib.suppress(Exception):
                 await s.abort()
         self._streams = []
+        self._builders = []
 
 
 class _Backup:
@@ -765,19 +775,18 @@ class _Backup:
     def _seal_and_send(
         self, t: _Tally, todo: Sequence[tuple[bytes, memoryview | bytes]], btype: int
     ) -> None:
-        """Thread: seal blobs under the snapshot's data key and pass them to the upload streams."""
-        key, comp = self.sealing, self.compressor
+        """Thread: seal blobs under the snapshot's data key into the upload streams' messages."""
+        key, comp, add = self.sealing, self.compressor, self.uploader.seal_and_add
         assert key is not None
-        blobs = [Blob(cid, btype, seal(key, cid, btype, data, comp)) for cid, data in todo]
-        del todo
-        nbytes = sum(len(b.envelope or b"") for b in blobs)
-        self.uploader.add_from_thread(blobs)
-        t.blobs_new += len(blobs)
+        nbytes = 0
+        for cid, data in todo:
+            nbytes += add(key, cid, btype, data, comp)
+        t.blobs_new += len(todo)
         t.bytes_uploaded += nbytes
         if btype == DATA:
-            t.data_new += len(blobs)
+            t.data_new += len(todo)
         else:
-            t.tree_new += len(blobs)
+            t.tree_new += len(todo)
 
     def _store_now(self, chunks: Sequence[tuple[bytes, memoryview | bytes]], btype: int) -> None:
         """Thread: make sure every chunk is stored, sealing in this thread."""
@@ -1015,7 +1024,10 @@ class _Backup:
         self.warn_later: list[str] = []
         self.phases: dict[str, float] = {}
         self.t0 = t0 = self.clock.monotonic()
-        self.uploader = _Uploader(self.repo, self.job_id, 1 if self.workers < 2 else 2)
+        max_envelope = max(self.chunker.params.max_size, TREE_PART_SIZE) + OVERHEAD
+        self.uploader = _Uploader(
+            self.repo, self.job_id, 1 if self.workers < 2 else 2, max_envelope
+        )
         try:
             await asyncio.to_thread(self.check_root)
             dk = await asyncio.to_thread(keys.new_data_key)

@@ -44,6 +44,43 @@ def encode_upload(job_id: str, blobs: Sequence[Blob]) -> bytes:
     return b"".join(parts)
 
 
+def job_field(job_id: str) -> bytes:
+    """UploadRequest field 1 (the job id), which leads a stream's first message."""
+    jid = job_id.encode()
+    return b"\x0a" + varint(len(jid)) + jid if jid else b""
+
+
+class UploadBuilder:
+    """The BlobData fields of an UploadRequest, written in place: each envelope is encrypted
+    straight into the message (core/envelope.py `seal_into`) and `take` copies the message
+    out once, instead of an envelope, then a message, assembled from copies. The bytes are
+    encode_upload's. Not thread-safe: the caller locks."""
+
+    def __init__(self, capacity: int) -> None:
+        self._buf = bytearray(capacity)
+        self._view = memoryview(self._buf)
+        self.fill = 0
+
+    def reserve(self, blob_id: bytes, btype: int, size: int) -> memoryview:
+        """Frame one BlobData with an envelope of `size` bytes: the view to write it into."""
+        head = b"\x0a" + varint(len(blob_id)) + blob_id + b"\x10" + varint(btype)
+        head += b"\x1a" + varint(size)
+        frame = b"\x12" + varint(len(head) + size) + head
+        start = self.fill + len(frame)
+        end = start + size
+        if end > len(self._buf):
+            raise ValueError(f"upload message full ({end} > {len(self._buf)} bytes)")
+        self._view[self.fill : start] = frame
+        self.fill = end
+        return self._view[start:end]
+
+    def take(self) -> bytes:
+        """The message so far (empty the builder)."""
+        msg = bytes(self._view[: self.fill])
+        self.fill = 0
+        return msg
+
+
 DOWNLOAD_METHOD = "/clawback.v1.AgentService/DownloadBlobs"
 DownloadedBlob = tuple[bytes, int, memoryview | None, str]  # id, type, envelope view, error
 
@@ -179,7 +216,10 @@ class _Upload:
             await self._finish()  # raises the translated error
 
     async def send(self, blobs: Sequence[Blob]) -> None:
-        msg = encode_upload(self._job_id, blobs)
+        await self.send_message(encode_upload("", blobs))
+
+    async def send_message(self, message: bytes) -> None:
+        msg = job_field(self._job_id) + message if self._job_id else message
         self._job_id = ""  # the first message only
         await self._raise_if_failed()
         put = asyncio.ensure_future(self._queue.put(msg))
@@ -255,16 +295,23 @@ class _ThreadUpload:
             resp.blobs_stored, resp.blobs_duplicate, resp.bytes_stored, resp.packs_written
         )
 
-    def put(self, blobs: Sequence[Blob]) -> None:
+    def put_message(self, message: bytes) -> None:
+        """Queue an UploadRequest's BlobData fields (UploadBuilder), from any thread."""
         with self._lock:
-            msg = encode_upload(self._job_id, blobs)
+            msg = job_field(self._job_id) + message if self._job_id else message
             if not self._offer(msg):
                 self._result()  # raises the coordinator's error
                 raise errors.TransportError("upload stream ended before all blobs were sent")
             self._job_id = ""
 
+    def put(self, blobs: Sequence[Blob]) -> None:
+        self.put_message(encode_upload("", blobs))
+
     async def send(self, blobs: Sequence[Blob]) -> None:
         await asyncio.to_thread(self.put, blobs)
+
+    async def send_message(self, message: bytes) -> None:
+        await asyncio.to_thread(self.put_message, message)
 
     async def close(self) -> UploadStats:
         def finish() -> UploadStats:

@@ -68,6 +68,42 @@ def seal(
     return header + key._aead.encrypt(nonce, body, header + blob_id)
 
 
+class Prepared:
+    """A blob compressed and given its header, ready to be encrypted into a buffer of
+    `size` bytes (`seal_into`): the slow half of sealing, done outside any lock."""
+
+    __slots__ = ("aad", "body", "header", "nonce", "size")
+
+    def __init__(
+        self,
+        key: SealingKey,
+        blob_id: bytes,
+        blob_type: int,
+        plaintext: bytes | memoryview,
+        compressor: Compressor | None,
+    ) -> None:
+        packed = compressor.compress(plaintext) if compressor is not None else None
+        self.nonce = os.urandom(12)
+        self.header = HEADER.pack(
+            VERSION,
+            FLAG_COMPRESSED if packed is not None else 0,
+            blob_type,
+            CIPHER_AES256_GCM,
+            key.key_id,
+            self.nonce,
+        )
+        self.body = packed if packed is not None else plaintext
+        self.aad = self.header + blob_id
+        self.size = HEADER_SIZE + len(self.body) + TAG_SIZE  # the envelope's
+
+
+def seal_into(key: SealingKey, blob: Prepared, out: memoryview) -> None:
+    """Write the envelope of a prepared blob into `out` (exactly `blob.size` bytes): the
+    bytes `seal` returns, encrypted in place instead of assembled from copies."""
+    out[:HEADER_SIZE] = blob.header
+    key._aead.encrypt_into(blob.nonce, blob.body, blob.aad, out[HEADER_SIZE:])
+
+
 def key_id_of(envelope: bytes | memoryview) -> bytes:
     """The key id an envelope names, without opening it."""
     if len(envelope) < OVERHEAD:

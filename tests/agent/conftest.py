@@ -18,6 +18,7 @@ from coordinator.catalog import SqliteCatalog
 from coordinator.pack import pack_path
 from coordinator.storage import LocalBackend
 from coordinator.store import BlobStore
+from core import wire
 from core.errors import UsageError
 from core.format import MAX_IDS_PER_QUERY, RepoConfig, new_repo_id
 from core.keys import FileKeyProvider, create_key_file
@@ -41,6 +42,10 @@ class StoreUpload:
 
         async with self._lock:
             await asyncio.to_thread(add)
+
+    async def send_message(self, message: bytes) -> None:
+        _, blobs = wire.parse_upload(message)
+        await self.send([Blob(i, t, bytes(e)) for i, t, e in blobs])
 
     async def close(self) -> UploadStats:
         async with self._lock:

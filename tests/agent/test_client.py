@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.client import encode_upload
+from agent.client import UploadBuilder, encode_upload, job_field
 from agent.repo import Blob
 from protos.clawback.v1 import agent_pb2
 
@@ -36,3 +36,29 @@ def test_large_envelope_lengths_use_multi_byte_varints() -> None:
     big = Blob(b"\x01" * 32, 1, b"x" * 5_000_000)
     msg = agent_pb2.UploadRequest.FromString(encode_upload("", [big]))
     assert msg.blobs[0].envelope == big.envelope and msg.job_id == ""
+
+
+@settings(max_examples=200, deadline=None)
+@given(job_id=st.text(max_size=40), batch=blobs)
+def test_builder_writes_what_encode_upload_writes(job_id: str, batch: list[Blob]) -> None:
+    """Envelopes written into an UploadBuilder (as the backup seals them) make the same bytes."""
+    b = UploadBuilder(sum(len(x.envelope or b"") + 64 for x in batch) + 1)
+    for x in batch:
+        env = x.envelope or b""
+        if not env:
+            continue  # the backup never sends an empty envelope
+        b.reserve(x.id, x.type, len(env))[:] = env
+    sent = [x for x in batch if x.envelope]
+    assert job_field(job_id) + b.take() == encode_upload(job_id, sent)
+    assert b.fill == 0 and b.take() == b""
+
+
+def test_builder_refuses_a_blob_that_does_not_fit() -> None:
+    b = UploadBuilder(100)
+    try:
+        b.reserve(b"\x01" * 32, 1, 80)
+    except ValueError as exc:
+        assert "full" in str(exc)
+    else:
+        raise AssertionError("no error")
+    assert b.fill == 0

@@ -9,7 +9,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from core.compression import Compressor
-from core.envelope import HEADER_SIZE, OVERHEAD, SealingKey, key_id_of, open_, seal
+from core.envelope import (
+    HEADER_SIZE,
+    OVERHEAD,
+    Prepared,
+    SealingKey,
+    key_id_of,
+    open_,
+    seal,
+    seal_into,
+)
 from core.errors import IntegrityError, KeyMaterialError
 
 KEY = SealingKey(b"k" * 16, os.urandom(32))
@@ -120,3 +129,18 @@ def test_decompress_into_frames_without_a_declared_size() -> None:
         decompress_into(frame, out[: len(data) - 1])
     with pytest.raises(IntegrityError, match="does not decompress"):
         decompress_into(b"not zstd at all", out)
+
+
+@settings(max_examples=100, deadline=None)
+@given(data=st.binary(max_size=5000), btype=st.sampled_from([1, 2]), compress=st.booleans())
+def test_seal_into_makes_what_seal_makes(data: bytes, btype: int, compress: bool) -> None:
+    comp = ZSTD if compress else None
+    bid = os.urandom(32)
+    blob = Prepared(KEY, bid, btype, memoryview(data), comp)
+    buf = bytearray(blob.size + 10)
+    seal_into(KEY, blob, memoryview(buf)[3 : 3 + blob.size])
+    env = bytes(buf[3 : 3 + blob.size])
+    assert buf[:3] == b"\0\0\0" and buf[3 + blob.size :] == b"\0" * 7  # exactly its bytes
+    assert open_(_lookup, bid, btype, env) == data
+    sealed = seal(KEY, bid, btype, data, comp)
+    assert len(env) == len(sealed) and env[:20] == sealed[:20]  # same header but the nonce
