@@ -6,8 +6,6 @@ import argparse
 from typing import TYPE_CHECKING
 
 from coordinator.cli.cmd_vault import add_vault_flags
-from coordinator.cli.vaultsetup import operator_settings, operator_token, rotate_and_rewrap
-from core.vault import VaultClient
 
 if TYPE_CHECKING:
     from coordinator.cli.main import Context
@@ -41,6 +39,9 @@ def setup(
 
 
 def run(ctx: Context, args: argparse.Namespace) -> int:
+    from coordinator.cli.vaultsetup import operator_settings, operator_token, rotate_and_rewrap
+    from core.vault import VaultClient
+
     settings = operator_settings(args.vault_addr, args.vault_ca)
     admin = ctx.client()
     with VaultClient.for_token(settings, operator_token(), ctx.clock) as vault:

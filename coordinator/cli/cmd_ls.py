@@ -24,16 +24,14 @@ from coordinator.cli.output import (
     iso_time,
     render_table,
 )
-from core import envelope
-from core.chunkid import IdHasher
 from core.errors import IntegrityError, KeyMaterialError, NotFound
-from core.keys import KeyProvider
-from core.tree import decode_tree
 from protos.clawback.v1 import common_pb2, repo_pb2
 
 if TYPE_CHECKING:
     from coordinator.cli.client import AdminClient
     from coordinator.cli.main import Context
+    from core import envelope
+    from core.keys import KeyProvider
 
 _TYPE_CHAR: dict[int, str] = {
     repo_pb2.NODE_TYPE_FILE: "-",
@@ -73,6 +71,12 @@ class TreeReader:
     """Fetches, opens and verifies tree blobs: every id is re-derived from the plaintext."""
 
     def __init__(self, client: AdminClient, provider: KeyProvider) -> None:
+        # Decryption is imported by `ls` alone: every other command starts without it.
+        from core import envelope
+        from core.chunkid import IdHasher
+        from core.tree import decode_tree
+
+        self._envelope, self._decode_tree = envelope, decode_tree
         self.client = client
         self.provider = provider
         self.hasher = IdHasher(provider.id_key())
@@ -84,7 +88,7 @@ class TreeReader:
             return
         for wk in self.client.get_keys(wanted):
             if wk.key_id in wanted and wk.key_id not in self._keys:
-                self._keys[wk.key_id] = envelope.SealingKey(
+                self._keys[wk.key_id] = self._envelope.SealingKey(
                     wk.key_id, self.provider.unwrap(wk.key_id, wk.wrapped)
                 )
 
@@ -106,11 +110,13 @@ class TreeReader:
                 )
             if blob.error:
                 raise IntegrityError(f"tree blob {blob_id.hex()}: {blob.error}")
-            plain = envelope.open_(self.key, blob_id, common_pb2.BLOB_TYPE_TREE, blob.envelope)
+            plain = self._envelope.open_(
+                self.key, blob_id, common_pb2.BLOB_TYPE_TREE, blob.envelope
+            )
             if self.hasher.blob_id(plain) != blob_id:
                 raise IntegrityError(f"tree blob {blob_id.hex()}: content does not match its id")
             parts.append(plain)
-        return decode_tree(parts, root=root)
+        return self._decode_tree(parts, root=root)
 
     def children(self, node: repo_pb2.Node) -> list[repo_pb2.Node]:
         if not node.subtree:
@@ -237,6 +243,8 @@ def open_snapshot(
 ) -> tuple[TreeReader, common_pb2.SnapshotInfo, repo_pb2.Node]:
     """The snapshot, a verified reader for its trees and its root node (`.`)."""
     client = ctx.client()
+    from core.chunkid import IdHasher
+
     provider = ctx.key_provider()
     repo = client.get_repository()
     if repo.key_check and IdHasher(provider.id_key()).key_check() != repo.key_check:

@@ -6,13 +6,8 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from coordinator.cli.vaultsetup import (
-    POLICY_DIR,
-    operator_settings,
-    operator_token,
-    setup_vault,
-)
-from core.vault import VaultClient
+# The Vault helpers are imported by the commands that use them: every other command
+# starts faster without them (the CLI's start-up is part of every command's time).
 
 if TYPE_CHECKING:
     from coordinator.cli.main import Context
@@ -62,7 +57,11 @@ def setup(
         metavar="TTL",
         help="lifetime of the response-wrapped secret_id files (default 24h)",
     )
-    p.add_argument("--policies", metavar="DIR", default=str(POLICY_DIR), help="policy files (HCL)")
+    p.add_argument(
+        "--policies",
+        metavar="DIR",
+        help="policy files (HCL; default: deploy/vault/policies of this source tree)",
+    )
     p.set_defaults(func=run_setup)
 
     g = vsubs.add_parser(
@@ -81,6 +80,14 @@ def setup(
 
 
 def run_setup(ctx: Context, args: argparse.Namespace) -> int:
+    from coordinator.cli.vaultsetup import (
+        POLICY_DIR,
+        operator_settings,
+        operator_token,
+        setup_vault,
+    )
+    from core.vault import VaultClient
+
     settings = operator_settings(args.vault_addr, args.vault_ca)
     with VaultClient.for_token(settings, operator_token(), ctx.clock) as client:
         result = setup_vault(
@@ -92,7 +99,7 @@ def run_setup(ctx: Context, args: argparse.Namespace) -> int:
             token_ttl=args.token_ttl,
             token_max_ttl=args.token_max_ttl,
             secret_id_wrap_ttl=args.wrap_ttl,
-            policy_dir=Path(args.policies),
+            policy_dir=Path(args.policies) if args.policies else POLICY_DIR,
         )
     ctx.out.table(
         ["KIND", "NAME", "STATUS"],
@@ -114,6 +121,9 @@ def run_setup(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def run_grant(ctx: Context, args: argparse.Namespace) -> int:
+    from coordinator.cli.vaultsetup import operator_settings, operator_token
+    from core.vault import VaultClient
+
     settings = operator_settings(args.vault_addr, args.vault_ca)
     with VaultClient.for_token(settings, operator_token(), ctx.clock) as client:
         wrapping = client.mint_restore_grant(ttl=args.ttl, uses=args.uses, wrap_ttl=args.wrap_ttl)
