@@ -50,8 +50,8 @@ from bench.run import (
     ClawbackTool,
     StepResult,
     ToolError,
-    _host,
     disk_usage,
+    host_info,
     measure,
     warm,
 )
@@ -269,7 +269,7 @@ def run(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
         "size": size,
         "factor": args.factor,
         "seed": args.seed,
-        "host": _host(),
+        "host": host_info(),
         "steps": steps,
     }
     repos: dict[str, Repo] = {}

@@ -99,7 +99,7 @@ class Tool(Protocol):
 # --------------------------------------------------------------------------- /proc
 
 
-def _read_stat(pid: int) -> tuple[int, int] | None:
+def read_stat(pid: int) -> tuple[int, int] | None:
     """(ppid, utime+stime+cutime+cstime in ticks) of a live process, or None."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
@@ -132,7 +132,7 @@ def _cmdline(pid: int) -> bytes | None:
         return None
 
 
-def _reset_hwm(pid: int) -> bool:
+def reset_hwm(pid: int) -> bool:
     """Reset VmHWM to the current RSS (Linux >= 4.0); False when not permitted."""
     try:
         with open(f"/proc/{pid}/clear_refs", "w") as f:
@@ -147,7 +147,7 @@ def _process_table() -> dict[int, tuple[int, int]]:
     table: dict[int, tuple[int, int]] = {}
     for name in os.listdir("/proc"):
         if name.isdigit():
-            st = _read_stat(int(name))
+            st = read_stat(int(name))
             if st is not None:
                 table[int(name)] = st
     return table
@@ -286,7 +286,7 @@ class Meter:
         table = _process_table()
         for pids in self._roles(table).values():
             for pid in pids:
-                self.hwm_reset = _reset_hwm(pid) and self.hwm_reset
+                self.hwm_reset = reset_hwm(pid) and self.hwm_reset
         self._cpu0 = self._cpu(table)
         self._ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         self._thread = threading.Thread(target=self._run, name="bench-meter", daemon=True)
@@ -898,7 +898,7 @@ def format_summary(
     return "\n".join(out).rstrip()
 
 
-def _host() -> dict[str, Any]:
+def host_info() -> dict[str, Any]:
     mem = 0
     model = ""
     try:
@@ -996,7 +996,7 @@ def main(argv: list[str] | None = None) -> int:
         "seed": args.seed,
         "repeat": repeat,
         "drop_caches": args.drop_caches,
-        "host": _host(),
+        "host": host_info(),
         "versions": versions,
         "steps": list(STEPS),
         "tools": names,

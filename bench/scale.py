@@ -64,7 +64,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.run import _host, _read_stat, _reset_hwm
+from bench.run import host_info, read_stat, reset_hwm
 
 DEFAULT_WORKDIR = Path("/var/tmp/clawback-scale")
 DEFAULT_ENTRIES = "10M"
@@ -262,7 +262,7 @@ def proc_memory(pid: int) -> dict[str, int]:
 
 
 def cpu_seconds(pid: int) -> float:
-    st = _read_stat(pid)
+    st = read_stat(pid)
     return 0.0 if st is None else st[1] / _CLK_TCK
 
 
@@ -276,7 +276,7 @@ class PhaseMeter:
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
-        self.reset = _reset_hwm(pid)
+        self.reset = reset_hwm(pid)
         self.cpu0 = cpu_seconds(pid)
         self.client0 = client_cpu_seconds()
 
@@ -588,7 +588,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cluster = DevCluster(run_dir, {n: {} for n in names}, log_level="warning")
     report: dict[str, Any] = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "host": _host(),
+        "host": host_info(),
         "config": {
             "entries": entries,
             "seed": seed,
