@@ -526,6 +526,42 @@ async def test_a_finished_backup_leaves_nothing_for_the_cycle_collector(
             gc.enable()
 
 
+async def test_a_refused_upload_fails_the_run_and_stops_every_thread(
+    env: Env, workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The coordinator's refusal (here: disk full) is what the run raises, whichever stage-2
+    thread met it, and no thread of the run is left behind; nothing is committed."""
+    import threading
+
+    from core.errors import ResourceExhausted
+    from tests.agent.conftest import StoreUpload
+
+    src = workdir / "src"
+    (src / "d").mkdir(parents=True)
+    for i in range(300):
+        (src / "d" / f"f{i}").write_bytes(os.urandom(20_000))
+    (src / "big").write_bytes(os.urandom(12 << 20))
+    sent = 0
+
+    async def refuse(self: StoreUpload, message: bytes) -> None:
+        nonlocal sent
+        sent += 1
+        if sent > 2:
+            raise ResourceExhausted("coordinator disk full: writing a pack")
+
+    monkeypatch.setattr(StoreUpload, "send_message", refuse)
+    before = {t.ident for t in threading.enumerate()}
+    with pytest.raises(ResourceExhausted, match="disk full"):
+        await backup(env, src)
+    for _ in range(100):  # the threads finish the piece of work they are in, then stop
+        left = [t for t in threading.enumerate() if t.ident not in before and t.is_alive()]
+        if not any(t.name.startswith("clawback-backup") for t in left):
+            break
+        await asyncio.sleep(0.05)
+    assert not [t.name for t in left if t.name.startswith("clawback-backup")]
+    assert env.repo.store.catalog.list_snapshots() == []
+
+
 async def test_many_small_files(env: Env, workdir: Path) -> None:
     """10,000 tiny files: all backed up, none read again when unchanged, all restored
     (how fast is bench/'s to measure, not a test's)."""
