@@ -18,9 +18,14 @@ buffer of bounded size, then written (pwrite at every offset the plan
 lists, all-zero chunks of sparse files skipped); a file is created on its
 first blob and finished on its last; (4) hard links; (5) directory
 metadata, deepest first. All file-system work of stages 2-5 runs in one
-writer thread. A blob that is missing or fails authentication fails only
-the files that need it; everything else is restored and the failures are
-listed.
+writer thread, in order; the download of stage 3 starts while stage 2 runs
+(its writes queue behind it). A blob that is missing or fails
+authentication fails only the files that need it; everything else is
+restored and the failures are listed.
+
+In directories this restore created, files are created with their final
+mode and owner where the result is the same (`fast_meta`), saving an fchmod
+and an fchown per file.
 
 Durability: like cp or tar, a restore leaves the data in the page cache for
 the kernel to write back; it does not fsync (design.md §Trees).
@@ -95,6 +100,29 @@ class RestoreResult:
     )  # entries not recreated by design (sockets, devices as non-root)
 
 
+def _process_umask() -> int | None:
+    """The process's umask, read without changing it (os.umask sets it, racing other
+    threads that create files); None where the kernel does not report it."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _has_default_acl(fd: int) -> bool:
+    """Whether the directory has a default ACL (new entries then take their mode from it,
+    not from the umask)."""
+    try:
+        os.getxattr(fd, "system.posix_acl_default")
+    except OSError:
+        return False  # ENODATA: none; ENOTSUP: the file system has no ACLs
+    return True
+
+
 def _show(rel: Rel) -> str:
     return os.fsdecode(b"/".join(rel) or b".").encode("utf-8", "backslashreplace").decode("utf-8")
 
@@ -161,11 +189,27 @@ class _DirFds:
 class _File:
     """A file whose content is being restored (touched by the writer thread only)."""
 
-    __slots__ = ("dfd", "errors", "failed", "fd", "node", "rel", "remaining", "tmp", "truncate")
+    __slots__ = (
+        "dfd",
+        "errors",
+        "failed",
+        "fd",
+        "fresh",
+        "mode_set",
+        "node",
+        "owner_set",
+        "rel",
+        "remaining",
+        "tmp",
+        "truncate",
+    )
 
-    def __init__(self, rel: Rel, node: repo_pb2.Node) -> None:
+    def __init__(self, rel: Rel, node: repo_pb2.Node, fresh: bool = False) -> None:
         self.rel = rel
         self.node = node
+        self.fresh = fresh  # its directory was created by this restore (see _Restore.fast_meta)
+        self.mode_set = False  # created with its final mode: no fchmod needed
+        self.owner_set = False  # created with its final owner: no fchown needed
         self.fd: int | None = None
         self.dfd = -1  # its directory's fd, held (acquired) while fd is open and until finished
         self.tmp = b""  # the name it was created under: its own, or a temporary one (overwrite)
@@ -202,6 +246,13 @@ class _Restore:
         self.clock = clock
         self.hasher = IdHasher(keys.id_key())
         self.is_root = os.geteuid() == 0
+        self.euid, self.egid = os.geteuid(), os.getegid()
+        # Files in directories this restore created can be created with their final mode
+        # and owner, saving an fchmod and an fchown each: set by _open_target when the target
+        # was created here with nothing that changes how new entries get their mode and
+        # group (a setgid bit, a default ACL), and the umask is known.
+        self.fast_meta = False
+        self.umask = _process_umask()
         self.pool = ThreadPoolExecutor(
             max_workers=self.workers, thread_name_prefix="clawback-restore"
         )
@@ -546,7 +597,7 @@ class _Restore:
                             except OSError as exc:
                                 self.error(f"{_show(crel)}: {exc.strerror}")
                                 continue
-                        files.append(_File(crel, node))
+                        files.append(_File(crel, node, empty))
                     else:
                         self._make_special(dfd, crel, node, empty)
             finally:
@@ -598,10 +649,29 @@ class _Restore:
 
     # -- stage 3: content --------------------------------------------------------------------
 
-    def _plan(self, files: list[_File]) -> tuple[list[bytes], dict[bytes, list[_Use]]]:
-        """Thread: every unique blob in file order, and where each one goes (also the size
-        the tree gives each blob, in `self.sizes`)."""
+    def _order(self) -> list[bytes]:
+        """Thread: every unique content blob of the files in the trees, in the order stage 2
+        lists the files (the order the download asks for them), and the size the tree gives
+        each one (in `self.sizes`). Files stage 2 then leaves out (a directory that could not
+        be created, an entry in the way) are included: their blobs come back unused."""
         order: list[bytes] = []
+        sizes = self.sizes
+        failed = self.failed_dirs
+        for rel, _ in self.dirs:
+            if rel in failed:
+                continue
+            for node in self.entries.get(rel, ()):
+                if node.type != FILE:
+                    continue
+                for cid, size in zip(node.content, node.content_sizes, strict=True):
+                    if cid not in sizes:
+                        sizes[cid] = size
+                        order.append(cid)
+        return order
+
+    def _plan(self, files: list[_File]) -> dict[bytes, list[_Use]]:
+        """Writer, after stage 2: where each blob goes (the blobs and their sizes are those
+        `_order` listed: decode_tree checks that every blob has a size)."""
         uses: dict[bytes, list[_Use]] = {}
         sizes = self.sizes
         for f in files:
@@ -611,14 +681,24 @@ class _Restore:
                 u = uses.get(cid)
                 if u is None:
                     uses[cid] = u = []
-                    order.append(cid)
-                    sizes[cid] = size
+                    sizes.setdefault(cid, size)
                 u.append((f, i, off, size))
                 off += size
             f.remaining = len(node.content)
             # Trailing holes, or sizes that do not add up: ftruncate sets the recorded size.
             f.truncate = node.sparse or off != node.size
-        return order, uses
+        return uses
+
+    def _prepare(self, fds: _DirFds) -> tuple[list[_File], list[tuple[Rel, repo_pb2.Node]]]:
+        """Writer: stage 2, the plan of stage 3, and the files without content. Queued ahead
+        of every write of stage 3, so writes always find the plan (the writer runs its work
+        in order)."""
+        files, links = self.make_structure(fds)
+        self.uses = self._plan(files)
+        for f in files:
+            if f.remaining == 0:  # no content: finished now
+                self._done(f, self._finish_file(f))
+        return files, links
 
     def _create(self, f: _File) -> int | None:
         """Writer: create the file in its directory; None (and f.failed) on error.
@@ -633,6 +713,16 @@ class _Restore:
             except OSError as exc:
                 f.failed = f"cannot open its directory: {exc.strerror}"
                 return None
+        mode = 0o600
+        if f.fresh and self.fast_meta:
+            node = f.node
+            perms, umask = node.mode, self.umask if self.umask is not None else 0o777
+            # Only plain permission bits the umask keeps, and writable by its owner (a parked
+            # file is reopened for writing); setuid/setgid/sticky go through fchmod after fchown.
+            if not perms & ~0o777 and not perms & umask and (perms & 0o200 or self.is_root):
+                mode = perms
+                f.mode_set = True
+            f.owner_set = node.uid == self.euid and node.gid == self.egid
         for _ in range(8):
             if self.overwrite:
                 self.tmp_seq += 1
@@ -640,7 +730,7 @@ class _Restore:
             else:
                 name = f.rel[-1]
             try:
-                fd = os.open(name, _CREATE_FLAGS, 0o600, dir_fd=f.dfd)
+                fd = os.open(name, _CREATE_FLAGS, mode, dir_fd=f.dfd)
             except FileExistsError:
                 if not self.overwrite:
                     f.failed = "already exists in the target (use overwrite)"
@@ -751,9 +841,10 @@ class _Restore:
             try:
                 if f.truncate:
                     os.ftruncate(fd, node.size)
-                if self.is_root:
+                if self.is_root and not f.owner_set:
                     os.fchown(fd, node.uid, node.gid)
-                os.fchmod(fd, node.mode)  # after chown, which clears setuid/setgid
+                if not f.mode_set:
+                    os.fchmod(fd, node.mode)  # after chown, which clears setuid/setgid
             except OSError as exc:
                 f.failed = f"cannot set size/owner/mode: {exc.strerror}"
                 return False
@@ -827,16 +918,15 @@ class _Restore:
                 self.fds.release(f.rel[:-1])
         self.open_files.clear()
 
-    async def restore_content(self, files: list[_File]) -> None:
-        """Download every blob once, in the order the coordinator returns them (pack order), and
-        write it wherever the plan needs it: opening (decrypt, decompress, id check) runs in the
-        worker threads, all file-system work in the writer thread."""
+    async def restore_content(
+        self, order: list[bytes], prepared: asyncio.Future[tuple[list[_File], Any]]
+    ) -> None:
+        """Download every blob of `order` once, in the order the coordinator returns them (pack
+        order), and write it wherever the plan needs it: opening (decrypt, decompress, id
+        check) runs in the worker threads, all file-system work in the writer thread, where
+        `prepared` (stage 2 and the plan) runs first. The download starts at once, so the first
+        blobs are received and opened while stage 2 runs."""
         loop = asyncio.get_running_loop()
-
-        order, self.uses = await self.run_cpu(self._plan, files)
-        empty = [f for f in files if not f.node.content]
-        if empty:
-            await loop.run_in_executor(self.writer, self._finish_empty, empty)
         slots = asyncio.Semaphore(INFLIGHT_BATCHES)
         # Messages are received ahead of the workers, so the coordinator keeps streaming while
         # they are busy (a stream that is not read stalls on gRPC's flow control).
@@ -865,24 +955,26 @@ class _Restore:
             while (batch := await incoming.get()) is not None:
                 for group, need in self._groups(batch):
                     await slots.acquire()
+                    if prepared.done() and prepared.exception() is not None:
+                        failures.append(prepared.exception())  # type: ignore[arg-type]
                     if failures:
                         slots.release()
                         raise failures[0]
                     task = asyncio.ensure_future(process(group, need))
                     pending.add(task)
                     task.add_done_callback(settle)
+            await prepared  # its error, if it failed
             await reader  # its error, if it failed
             await asyncio.gather(*pending)
             await loop.run_in_executor(self.writer, self._finish_rest)
         except BaseException:
             reader.cancel()
-            await asyncio.gather(reader, *pending, return_exceptions=True)
+            await asyncio.gather(reader, prepared, *pending, return_exceptions=True)
+            files: list[_File] = []
+            if prepared.done() and not prepared.cancelled() and prepared.exception() is None:
+                files = prepared.result()[0]
             await loop.run_in_executor(self.writer, self._abandon, files)
             raise
-
-    def _finish_empty(self, files: list[_File]) -> None:
-        for f in files:
-            self._done(f, self._finish_file(f))
 
     # -- stage 4: hard links, stage 5: directory metadata -----------------------------------------
 
@@ -967,12 +1059,14 @@ class _Restore:
             await self._load_keys(set(self.snapshot.key_ids))
             await self.load_trees()
             self.progress(force=True)
+            order = await self.run_cpu(self._order)
             top = await asyncio.to_thread(self._open_target)
             self.fds = fds = _DirFds(top)
             try:
-                files, links = await loop.run_in_executor(self.writer, self.make_structure, fds)
+                prepared = loop.run_in_executor(self.writer, self._prepare, fds)
+                await self.restore_content(order, prepared)
+                links = prepared.result()[1]
                 self.result.dirs = len(self.dirs) - len(self.failed_dirs)
-                await self.restore_content(files)
                 await loop.run_in_executor(self.writer, self.make_links, fds, links, self.restored)
                 await loop.run_in_executor(self.writer, self.dir_metadata, fds)
             finally:
@@ -996,7 +1090,14 @@ class _Restore:
             self.created_target = True
         # The target itself is the operator's choice (it may be reached through a symlink);
         # everything below it is opened with O_NOFOLLOW.
-        return os.open(self.target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fd = os.open(self.target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        if self.created_target and self.umask is not None:
+            try:
+                setgid = os.fstat(fd).st_mode & stat.S_ISGID
+                self.fast_meta = not setgid and not _has_default_acl(fd)
+            except OSError:
+                self.fast_meta = False
+        return fd
 
 
 async def run_restore(

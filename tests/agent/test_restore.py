@@ -171,9 +171,12 @@ def test_groups_bound_the_plaintext_in_flight() -> None:
     assert sum(len(g) for g, _ in groups) == len(batch)
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o000])
 async def test_modes_and_owners_of_files_written_at_once_or_over_several_blobs(
-    env: Env, workdir: Path
+    env: Env, workdir: Path, umask: int
 ) -> None:
+    """Files are created with their final mode and owner where that is safe (a target this
+    restore created, modes the umask keeps): the result is the same under any umask."""
     src = workdir / "src"
     src.mkdir()
     modes = [0o644, 0o664, 0o600, 0o444, 0o000, 0o777, 0o4755, 0o2750, 0o1644]
@@ -184,11 +187,34 @@ async def test_modes_and_owners_of_files_written_at_once_or_over_several_blobs(
             os.chmod(p, m)
             if os.geteuid() == 0:
                 os.chown(p, 0 if m % 2 else 1000, 0 if m % 3 else 1000)
-    old = os.umask(0o022)
+    r = await backup(env, src)
+    old = os.umask(umask)
     try:
-        r = await backup(env, src)
         res = await restore(env, BatchRepo(env.repo), r.info, workdir / "dst")
     finally:
         os.umask(old)
     assert res.errors == []
     assert compare_trees(src, workdir / "dst") == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give files other groups")
+async def test_owner_inside_a_setgid_directory(env: Env, workdir: Path) -> None:
+    """A target created inside a setgid directory inherits its group and setgid bit, and so
+    would new files: each file's recorded owner is set explicitly there."""
+    src = workdir / "src"
+    (src / "d").mkdir(parents=True)
+    for i, (uid, gid) in enumerate([(0, 0), (1000, 1000), (0, 1000)]):
+        p = src / "d" / f"f{i}"
+        p.write_bytes(b"x" * (i + 1))
+        os.chown(p, uid, gid)
+    r = await backup(env, src)
+    parent = workdir / "sgid"
+    parent.mkdir()
+    os.chown(parent, 0, 4242)
+    os.chmod(parent, 0o2775)
+    res = await restore(env, BatchRepo(env.repo), r.info, parent / "dst")
+    assert res.errors == []
+    for i in range(3):
+        got, want = os.stat(parent / "dst" / "d" / f"f{i}"), os.stat(src / "d" / f"f{i}")
+        assert (got.st_uid, got.st_gid, got.st_mode) == (want.st_uid, want.st_gid, want.st_mode)
+    assert (parent / "dst" / "d" / "f2").read_bytes() == b"xxx"
