@@ -19,8 +19,12 @@ MAX_MESSAGE_SIZE = 24 * 1024 * 1024  # gRPC send/receive limit on both sides
 MAX_IDS_PER_QUERY = 65536
 TREE_PART_SIZE = 4 * 1024 * 1024  # a serialized tree larger than this is split into parts
 
-DEFAULT_CHUNKER = "fastcdc-1m"
-DEFAULT_COMPRESSION = "zstd-3"
+# New repositories (docs/performance.md §Third tuning pass): 256 KiB chunks keep what a
+# change to a page-structured file (a database) re-uploads to a quarter of what 1 MiB chunks
+# did, and let the agent read in 4 MiB blocks; zstd-1 compresses this volume's text ~25 %
+# faster than zstd-3 for ~2 % more stored bytes.
+DEFAULT_CHUNKER = "fastcdc-256k"
+DEFAULT_COMPRESSION = "zstd-1"
 DEFAULT_CIPHER = "aes256-gcm"
 ID_ALGORITHM = "blake3-keyed"
 

@@ -33,10 +33,10 @@ def setup(
         "then initialise the coordinator's repository with its key check.",
     )
     init.add_argument(
-        "--chunker", choices=CHUNKERS, default="", help="chunker (default fastcdc-1m)"
+        "--chunker", choices=CHUNKERS, default="", help="chunker (default fastcdc-256k)"
     )
     init.add_argument(
-        "--compression", default="", metavar="NAME", help="compression (default zstd-3)"
+        "--compression", default="", metavar="NAME", help="compression (default zstd-1)"
     )
     init.set_defaults(func=run_init)
 

@@ -28,7 +28,7 @@ def test_repo_init_refuses_twice_and_never_touches_an_existing_key_file(
     c.key_file.unlink()
     c.init_repository()
     info = c.cli_json("repo", "info")
-    assert len(info["repo_id"]) == 32 and info["chunker"] == "fastcdc-1m"
+    assert len(info["repo_id"]) == 32 and info["chunker"] == "fastcdc-256k"
     other = tmp_path / "other.key"
     r = c.cli("repo", "init", "--key-file", str(other), check=False)
     assert r.returncode == 6 and "already" in r.stderr
