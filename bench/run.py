@@ -42,6 +42,7 @@ import platform
 import resource
 import shutil
 import stat
+import subprocess
 import sys
 import threading
 import time
@@ -520,6 +521,63 @@ def measure(
     return result
 
 
+class RestoreFs:
+    """Where a tool restores: a fresh ext4 of its own (loop-mounted image, as root), or a
+    directory of the work dir.
+
+    A restore creates ~40k files. On a file system where many files were just deleted (the
+    previous repetition's data, repositories and restores), creating them is slowed by the
+    deletions (ext4 without a journal scans recently deleted inodes on every allocation: up
+    to 3x here), so restore times depended on what ran before. A fresh file system per
+    restore measures every tool alike; it is torn down after verification.
+    """
+
+    def __init__(self, base: Path, size: int, fresh: bool, log: Callable[[str], None]) -> None:
+        self.base = base
+        self.image = base.with_name(base.name + ".img")
+        self.mounted = False
+        if fresh:
+            try:
+                self.image.unlink(missing_ok=True)
+                with open(self.image, "wb") as f:
+                    f.truncate(size)
+                subprocess.run(
+                    ["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0",
+                     str(self.image)],
+                    check=True, capture_output=True, timeout=600,
+                )  # fmt: skip
+                base.mkdir(parents=True, exist_ok=True)
+                subprocess.run(
+                    ["mount", "-o", "loop", str(self.image), str(base)],
+                    check=True, capture_output=True, timeout=60,
+                )  # fmt: skip
+                self.mounted = True
+            except (OSError, subprocess.SubprocessError) as exc:
+                err = getattr(exc, "stderr", b"") or b""
+                log(f"no fresh file system for the restore ({exc} {err.decode(errors='replace').strip()}): "
+                    "restoring into the work dir")  # fmt: skip
+                self.image.unlink(missing_ok=True)
+        base.mkdir(parents=True, exist_ok=True)
+        self.target = base / "restore"
+
+    def close(self) -> None:
+        if self.mounted:
+            subprocess.run(
+                ["umount", str(self.base)], check=False, capture_output=True, timeout=120
+            )
+            self.mounted = False
+        self.image.unlink(missing_ok=True)
+
+
+def fresh_fs_possible() -> bool:
+    """A fresh file system per restore needs root, mkfs.ext4 and loop devices."""
+    return (
+        os.geteuid() == 0
+        and shutil.which("mkfs.ext4") is not None
+        and Path("/dev/loop-control").exists()
+    )
+
+
 def restored_root(tool: Tool, target: Path) -> Path:
     """Where the source tree is inside `target` after a restore (peers keep the absolute path)."""
     fn = getattr(tool, "restored_path", None)
@@ -535,6 +593,7 @@ def run_round(
     drop_caches: bool = False,
     log: Callable[[str], None] = print,
     keep_restores: bool = False,
+    fresh_restore_fs: bool = False,
 ) -> tuple[list[ToolResult], Manifest]:
     """One repetition: generate the volume, then every step with each tool in turn, each on a fresh repository.
 
@@ -563,6 +622,7 @@ def run_round(
         for i, t in enumerate(tools)
     }
     snapshots: dict[str, list[str]] = {t.name: [] for t in tools}
+    restore_fs: dict[str, RestoreFs] = {}
     live: list[Tool] = []
     try:
         for tool in tools:
@@ -595,8 +655,16 @@ def run_round(
                     snapshots[tool.name].append(sid)
                     return sid
 
+                if step == "restore":  # made before the clock starts
+                    restore_fs[name] = RestoreFs(
+                        workdir / tool.name / "restore-fs",
+                        2 * source_bytes + (1 << 30),
+                        fresh_restore_fs,
+                        log,
+                    )
+
                 def restore(tool: Tool = tool) -> str:
-                    tool.restore(snapshots[tool.name][-1], workdir / tool.name / "restore")
+                    tool.restore(snapshots[tool.name][-1], restore_fs[tool.name].target)
                     return snapshots[tool.name][-1]
 
                 others = [pid for t in live if t is not tool for pid in t.processes().values()]
@@ -618,7 +686,7 @@ def run_round(
                     active.remove(tool)
         for tool in active:
             res = results[tool.name]
-            target = workdir / tool.name / "restore"
+            target = restore_fs[tool.name].target
             log(f"[{tag}] [{tool.name}] verifying the restore against the source")
             try:
                 diffs = compare_trees(data, restored_root(tool, target))
@@ -629,7 +697,9 @@ def run_round(
             res.differences = diffs[:100]
             log(f"[{tag}] [{tool.name}] restore: {summarize(diffs)}")
             if not keep_restores:
-                shutil.rmtree(target, ignore_errors=True)
+                if not restore_fs[tool.name].mounted:
+                    shutil.rmtree(target, ignore_errors=True)
+                restore_fs.pop(tool.name).close()
     except Exception as exc:  # the report must still be written; the traceback goes to stderr
         traceback.print_exc()
         for r in results.values():
@@ -638,6 +708,9 @@ def run_round(
         for tool in tools:
             with suppress(Exception):
                 tool.stop()
+        if not keep_restores:
+            for fs in restore_fs.values():
+                fs.close()
     return [results[t.name] for t in tools], manifest
 
 
@@ -961,7 +1034,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--drop-caches", action="store_true", help="drop the page cache before each step"
     )
+    parser.add_argument(
+        "--restore-fs",
+        choices=("fresh", "workdir"),
+        help="restore onto a fresh loop-mounted ext4 per tool (default as root) or into the "
+        "work dir",
+    )
     args = parser.parse_args(argv)
+    fresh = (args.restore_fs or ("fresh" if fresh_fs_possible() else "workdir")) == "fresh"
     size = args.size or (QUICK_SIZE if args.quick else DEFAULT_SIZE)
     repeat = args.repeat or (1 if args.quick else DEFAULT_REPEAT)
     if repeat < 1:
@@ -996,6 +1076,7 @@ def main(argv: list[str] | None = None) -> int:
         "seed": args.seed,
         "repeat": repeat,
         "drop_caches": args.drop_caches,
+        "restore_fs": "fresh" if fresh else "workdir",
         "host": host_info(),
         "versions": versions,
         "steps": list(STEPS),
@@ -1010,7 +1091,14 @@ def main(argv: list[str] | None = None) -> int:
             order = rotated(names, rep)
             tools = [TOOLS[n]() for n in order]
             results, manifest = run_round(
-                tools, args.workdir, size, args.seed, rep, args.drop_caches, keep_restores=args.keep
+                tools,
+                args.workdir,
+                size,
+                args.seed,
+                rep,
+                args.drop_caches,
+                keep_restores=args.keep,
+                fresh_restore_fs=fresh,
             )
             report["volume"] = manifest.to_json()
             for res in results:
