@@ -557,8 +557,8 @@ class RestoreFs:
                 log(f"no fresh file system for the restore ({exc} {err.decode(errors='replace').strip()}): "
                     "restoring into the work dir")  # fmt: skip
                 self.image.unlink(missing_ok=True)
-        base.mkdir(parents=True, exist_ok=True)
-        self.target = base / "restore"
+        # On the fresh file system, or beside it in the work dir (<tool>/restore, as before).
+        self.target = base / "restore" if self.mounted else base.with_name("restore")
 
     def close(self) -> None:
         if self.mounted:
