@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import random
 import socket
@@ -27,6 +28,20 @@ from core.wire import error_from_rpc
 from protos.clawback.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 
 log = logging.getLogger("clawback.agent")
+
+
+def trim_malloc() -> bool:
+    """Give the heap's free pages back to the kernel (glibc malloc_trim) when a job ends: an
+    idle agent should not keep what its last job freed, nor start the next one with it
+    (a 2G backup left ~150 MiB resident). False where there is no malloc_trim (not glibc)."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return bool(trim(0))
+
 
 CAPABILITIES = ("backup.volume.v1", "restore.v1")
 BACKOFF_MIN_S, BACKOFF_MAX_S = 0.5, 30.0
@@ -220,6 +235,7 @@ class AgentDaemon:
                 finally:
                     if uploads is not None:
                         uploads.close()
+                    await asyncio.to_thread(trim_malloc)
         except asyncio.CancelledError:
             session.update(job_id, common_pb2.JOB_STATE_CANCELLED, error="cancelled")
             raise
