@@ -808,8 +808,12 @@ class _Backup:
         """Thread: read one large file batch by batch; each batch's sealing is split into
         urgent parts that every stage-2 thread helps with, while this one reads on."""
         cv = self.work.cv
-        self.work.wait_until(lambda: self._big_active < BIG_FILES_AT_ONCE)
-        self._big_active += 1
+        while True:  # wait for a turn, then take it under the lock (another may have taken it)
+            self.work.wait_until(lambda: self._big_active < BIG_FILES_AT_ONCE)
+            with cv:
+                if self._big_active < BIG_FILES_AT_ONCE:
+                    self._big_active += 1
+                    break
         try:
             t = _Tally()
             fd = self._big_open(t, f)
