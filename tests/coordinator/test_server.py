@@ -190,7 +190,8 @@ async def test_hello_welcome(env: Env) -> None:
     assert sorted(welcome.capabilities) == ["backup.volume.v1", "restore.v1"]
     assert welcome.repo.repo_id == repo.repo_id
     assert welcome.repo.key_check == KEY_CHECK
-    assert (welcome.repo.chunk_min, welcome.repo.chunk_max) == (64 * 1024, 1024 * 1024)  # the default fastcdc-256k
+    # the default chunker, fastcdc-256k
+    assert (welcome.repo.chunk_min, welcome.repo.chunk_max) == (64 * 1024, 1024 * 1024)
     assert welcome.repo.max_message_size == 24 * 1024 * 1024
     assert welcome.heartbeat_interval_s == 5
 
