@@ -26,24 +26,6 @@ UPLOAD_METHOD = "/clawback.v1.AgentService/UploadBlobs"
 MISSING_METHOD = "/clawback.v1.AgentService/MissingBlobs"
 
 
-def encode_upload(job_id: str, blobs: Sequence[Blob]) -> bytes:
-    """An UploadRequest in protobuf wire format, built with one copy of the envelopes instead
-    of a message object plus its serialization (the bytes parse as the same message)."""
-    parts: list[bytes] = []
-    if job_id:
-        jid = job_id.encode()
-        parts += (b"\x0a", varint(len(jid)), jid)
-    for b in blobs:
-        env = b.envelope or b""
-        head = b"\x0a" + varint(len(b.id)) + b.id
-        if b.type:
-            head += b"\x10" + varint(b.type)
-        if env:
-            head += b"\x1a" + varint(len(env))
-        parts += (b"\x12", varint(len(head) + len(env)), head, env)
-    return b"".join(parts)
-
-
 def job_field(job_id: str) -> bytes:
     """UploadRequest field 1 (the job id), which leads a stream's first message."""
     jid = job_id.encode()
@@ -54,7 +36,8 @@ class UploadBuilder:
     """The BlobData fields of an UploadRequest, written in place: each envelope is encrypted
     straight into the message (core/envelope.py `seal_into`) and `take` copies the message
     out once, instead of an envelope, then a message, assembled from copies. The bytes are
-    encode_upload's. Not thread-safe: the caller locks."""
+    protobuf's serialization of the same UploadRequest (tested). Not thread-safe: the caller
+    locks."""
 
     def __init__(self, capacity: int) -> None:
         self._buf = bytearray(capacity)
@@ -198,7 +181,7 @@ class _Upload:
     def __init__(self, channel: grpc.aio.Channel, job_id: str) -> None:
         self._queue: asyncio.Queue[bytes | None] = asyncio.Queue(UPLOAD_QUEUE)
         self._job_id = job_id
-        # Requests are encoded by encode_upload: the serializer passes the bytes through.
+        # Requests arrive in wire form (UploadBuilder): the serializer passes them through.
         method = channel.stream_unary(
             UPLOAD_METHOD,
             request_serializer=_passthrough,
@@ -214,9 +197,6 @@ class _Upload:
     async def _raise_if_failed(self) -> None:
         if self._result.done():
             await self._finish()  # raises the translated error
-
-    async def send(self, blobs: Sequence[Blob]) -> None:
-        await self.send_message(encode_upload("", blobs))
 
     async def send_message(self, message: bytes) -> None:
         msg = job_field(self._job_id) + message if self._job_id else message
@@ -252,7 +232,7 @@ class _Upload:
 class _ThreadUpload:
     """One client-streaming UploadBlobs call on a synchronous channel, fed from worker threads.
 
-    `put` encodes and queues a message from any thread, blocking while the
+    `put_message` queues a message from any thread, blocking while the
     queue is full (back-pressure on the sealers, with no event-loop hop per
     message); grpc's own thread sends. Unlike grpc.aio, whose failed write
     replaces the server's status with a generic INTERNAL error, the final
@@ -303,12 +283,6 @@ class _ThreadUpload:
                 self._result()  # raises the coordinator's error
                 raise errors.TransportError("upload stream ended before all blobs were sent")
             self._job_id = ""
-
-    def put(self, blobs: Sequence[Blob]) -> None:
-        self.put_message(encode_upload("", blobs))
-
-    async def send(self, blobs: Sequence[Blob]) -> None:
-        await asyncio.to_thread(self.put, blobs)
 
     async def send_message(self, message: bytes) -> None:
         await asyncio.to_thread(self.put_message, message)

@@ -34,12 +34,10 @@ class UploadStats:
 
 
 class UploadStream(Protocol):
-    async def send(self, blobs: Sequence[Blob]) -> None:
-        """Queue blobs on the stream; waits when the stream is congested (back-pressure)."""
-
     async def send_message(self, message: bytes) -> None:
-        """`send`, for blobs already in wire form: an UploadRequest's BlobData fields
-        without the job id (agent/client.py UploadBuilder)."""
+        """Queue sealed blobs in wire form, an UploadRequest's BlobData fields without the
+        job id (agent/client.py UploadBuilder); waits when the stream is congested
+        (back-pressure)."""
 
     async def close(self) -> UploadStats:
         """End the stream; returns once every blob sent is durable on the coordinator."""

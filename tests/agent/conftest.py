@@ -33,7 +33,9 @@ class StoreUpload:
         self._session = session
         self._lock = asyncio.Lock()
 
-    async def send(self, blobs: Sequence[Blob]) -> None:
+    async def send_message(self, message: bytes) -> None:
+        blobs = [Blob(i, t, bytes(e)) for i, t, e in wire.parse_upload(message)[1]]
+
         def add() -> None:
             for b in blobs:
                 assert b.envelope is not None
@@ -42,10 +44,6 @@ class StoreUpload:
 
         async with self._lock:
             await asyncio.to_thread(add)
-
-    async def send_message(self, message: bytes) -> None:
-        _, blobs = wire.parse_upload(message)
-        await self.send([Blob(i, t, bytes(e)) for i, t, e in blobs])
 
     async def close(self) -> UploadStats:
         async with self._lock:
