@@ -736,14 +736,22 @@ class _Backup:
             self.tree_new += t.tree_new
 
     def _missing(self, ids: list[bytes]) -> list[bool]:
-        """Thread: MissingBlobs, on the client's thread-side call when it has one."""
+        """Thread: MissingBlobs in requests of MISSING_BATCH ids, on the client's thread-side
+        call when it has one."""
         call: Callable[[Sequence[bytes]], list[bool]] | None = getattr(
             self.repo, "missing_from_thread", None
         )
-        if call is not None:
-            return call(ids)
-        assert self._loop is not None
-        return asyncio.run_coroutine_threadsafe(self.repo.missing(ids), self._loop).result()
+        out: list[bool] = []
+        for i in range(0, len(ids), MISSING_BATCH):
+            part = ids[i : i + MISSING_BATCH]
+            if call is not None:
+                out += call(part)
+            else:
+                assert self._loop is not None
+                out += asyncio.run_coroutine_threadsafe(
+                    self.repo.missing(part), self._loop
+                ).result()
+        return out
 
     def _to_store(
         self, t: _Tally, chunks: Sequence[tuple[bytes, memoryview | bytes]]
@@ -763,13 +771,11 @@ class _Backup:
             return []
         ids = list(mine)
         todo: list[tuple[bytes, memoryview | bytes]] = []
-        for i in range(0, len(ids), MISSING_BATCH):
-            part = ids[i : i + MISSING_BATCH]
-            for cid, m in zip(part, self._missing(part), strict=True):
-                if m:
-                    todo.append((cid, mine[cid]))
-                else:
-                    t.blobs_dedup += 1
+        for cid, m in zip(ids, self._missing(ids), strict=True):
+            if m:
+                todo.append((cid, mine[cid]))
+            else:
+                t.blobs_dedup += 1
         return todo
 
     def _seal_and_send(
@@ -888,14 +894,10 @@ class _Backup:
                     if cid not in claimed and cid not in seen:
                         seen.add(cid)
                         ask.append(cid)
-        lost: set[bytes] = set()
-        found: list[bytes] = []
-        for i in range(0, len(ask), MISSING_BATCH):
-            part = ask[i : i + MISSING_BATCH]
-            for cid, m in zip(part, self._missing(part), strict=True):
-                (lost.add if m else found.append)(cid)
+        flags = self._missing(ask)
+        lost = {cid for cid, m in zip(ask, flags, strict=True) if m}
         with self._lock:
-            self.claimed.update(found)
+            self.claimed.update(cid for cid, m in zip(ask, flags, strict=True) if not m)
         reread: list[_Entry] = []
         for f in hits:
             if lost and any(cid in lost for cid in f.ids):
