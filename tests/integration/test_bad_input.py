@@ -33,8 +33,9 @@ def test_flipped_byte_in_a_pack_is_named_and_only_its_file_fails(
 ) -> None:
     src = tmp_path / "src"
     src.mkdir()
-    (src / "victim.bin").write_bytes(os.urandom(300_000))
-    (src / "survivor.bin").write_bytes(os.urandom(300_000))
+    # Under every chunker's minimum chunk (64 KiB for the default fastcdc-256k): one chunk each.
+    (src / "victim.bin").write_bytes(os.urandom(60_000))
+    (src / "survivor.bin").write_bytes(os.urandom(60_000))
     (src / "notes.txt").write_text("fine\n" * 1000)
     c = cluster_factory({"node1": {"data": src}, "node2": {}})
     c.cli("backup", "--agent", "node1", "--wait")
