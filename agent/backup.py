@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.client import UploadBuilder
-from agent.filescache import NO_XATTRS, CacheHit, FilesCache
+from agent.filescache import NO_XATTRS, SPARSE, CacheHit, FilesCache
 from agent.progress import ProgressReporter
 from agent.repo import RepoClient, UploadStream
 from agent.tree import (
@@ -59,7 +59,8 @@ from core.envelope import OVERHEAD, Prepared, SealingKey, seal_into
 from core.errors import ClawbackError, KeyMaterialError, NotFound, TransportError, UsageError
 from core.format import MAX_IDS_PER_QUERY, TREE_PART_SIZE, RepoConfig
 from core.keys import KeyProvider
-from core.tree import ROOT_NAME, encode_root, encode_tree
+from core.tree import ROOT_NAME, encode_root, encode_serialized
+from core.wire import varint
 from protos.clawback.v1 import common_pb2, repo_pb2
 
 DATA = common_pb2.BLOB_TYPE_DATA
@@ -112,11 +113,26 @@ class _Entry:
     # file's chunk ids and sizes stay out of its node (protobuf memory that grows on every
     # append, ~1 KiB per file) until its directory's tree is encoded.
     # No absolute path either: `_Backup.path` makes it from the root when needed.
-    __slots__ = ("cached", "ids", "no_xattrs", "node", "ok", "primary", "rel", "sizes")
+    # A file whose node the files cache holds has none of its own (node None): `body` is that
+    # node serialized, name included, and `size` its size.
+    __slots__ = (
+        "body",
+        "cached",
+        "ids",
+        "no_xattrs",
+        "node",
+        "ok",
+        "primary",
+        "rel",
+        "size",
+        "sizes",
+    )
 
-    def __init__(self, node: repo_pb2.Node, rel: bytes) -> None:
+    def __init__(self, node: repo_pb2.Node | None, rel: bytes, size: int = 0) -> None:
         self.node = node
         self.rel = rel  # relative to the root: the files cache key
+        self.size = size  # a file's size as the walk saw it
+        self.body = b""
         self.ids: Sequence[bytes] = ()  # a list while the file is read, then a tuple
         self.sizes: Sequence[int] = ()
         self.ok = True
@@ -135,6 +151,17 @@ class _Dir(_Entry):
 
 # A stage-2 work unit from the walk: ("read", files to read) or ("hits", files-cache hits).
 _Unit = tuple[str, list["_Entry"]]
+
+
+def _node(f: _Entry) -> repo_pb2.Node:
+    """A file's node, to be read: one the files cache gave as bytes is parsed (its content
+    ids dropped: the read sets them)."""
+    if f.node is None:
+        n = repo_pb2.Node.FromString(f.body)
+        del n.content[:]
+        del n.content_sizes[:]
+        f.node, f.body = n, b""
+    return f.node
 
 
 def _no_emit(unit: _Unit) -> None:
@@ -466,7 +493,7 @@ class _Backup:
                 self._emit(("hits", self._hits))
                 self._hits = []
             return
-        size = f.node.size
+        size = f.size
         if size >= READ_BUDGET:
             self._emit(("read", [f]))
             return
@@ -493,6 +520,8 @@ class _Backup:
         inodes: dict[tuple[int, int], _Entry] = {}
         owners, files, p = self.owners, self.files, self.p
         cache_hit = self.cache.hit
+        nodes_ok = self._cached_names_hold()
+        is_file = stat.S_ISREG
         while stack:
             d = stack.pop()
             self.dirs.append(d)
@@ -506,12 +535,44 @@ class _Backup:
                 with os.scandir(fd) as it:
                     listing = [(os.fsencode(e.name), e) for e in it]
                 for name, e in listing:
-                    path = dpath + b"/" + name
                     try:
                         est = e.stat(follow_symlinks=False)
                     except OSError as exc:
-                        self.warn(f"{_show(path)}: {exc.strerror}")
+                        self.warn(f"{_show(dpath + b'/' + name)}: {exc.strerror}")
                         continue
+                    rel = d.rel + b"/" + name if d.rel else name
+                    hit = (
+                        cache_hit(
+                            rel,
+                            est.st_size,
+                            est.st_mtime_ns,
+                            est.st_ctime_ns,
+                            est.st_ino,
+                            est.st_dev,
+                        )
+                        if is_file(est.st_mode)
+                        else None
+                    )
+                    if (
+                        hit is not None
+                        and hit[4]
+                        and nodes_ok
+                        and hit[3] == est.st_atime_ns
+                        and est.st_nlink == 1
+                        and bool(hit[2] & SPARSE) == (est.st_blocks * 512 < est.st_size)
+                    ):
+                        # The node the files cache holds is the one this lstat would give,
+                        # byte for byte: every other field it has moves the ctime (design.md
+                        # §Files cache). Not built again; no xattrs listed.
+                        ent = _Entry(None, rel, est.st_size)
+                        ent.body = b"\x0a" + varint(len(name)) + name + hit[4]
+                        d.children.append(ent)
+                        p.files_total += 1
+                        files.append(ent)
+                        p.bytes_total += est.st_size
+                        self._route(ent, hit)
+                        continue
+                    path = dpath + b"/" + name
                     n = node_from_stat(name, est, owners)
                     kind = n.type
                     if kind == repo_pb2.NODE_TYPE_UNSPECIFIED:
@@ -523,14 +584,8 @@ class _Backup:
                         except OSError as exc:
                             self.warn(f"{_show(path)}: cannot read link: {exc.strerror}")
                             continue
-                    rel = d.rel + b"/" + name if d.rel else name
                     # A file the files cache knows, with no xattrs then and the same ctime
                     # now, has none now: setting or removing one changes the ctime.
-                    hit = (
-                        cache_hit(rel, n.size, n.mtime_ns, n.ctime_ns, n.inode, n.device)
-                        if kind == FILE
-                        else None
-                    )
                     if hit is not None and hit[2] & NO_XATTRS:
                         listed: bool | None = True
                     else:
@@ -542,7 +597,7 @@ class _Backup:
                         stack.append(sub)
                         d.children.append(sub)
                         continue
-                    ent = _Entry(n, rel)
+                    ent = _Entry(n, rel, n.size)
                     ent.no_xattrs = listed is True and not n.xattrs
                     d.children.append(ent)
                     if kind == FILE:
@@ -563,6 +618,17 @@ class _Backup:
             finally:
                 os.close(fd)
         return top
+
+    def _cached_names_hold(self) -> bool:
+        """Whether the owner names in the files cache's nodes are what they resolve to now
+        (the lookups also seed `owners`, whose map is saved with the cache)."""
+        users, groups = self.cache.names
+        ok = True
+        for uid, user in users.items():
+            ok = self.owners.user(uid) == user and ok
+        for gid, group in groups.items():
+            ok = self.owners.group(gid) == group and ok
+        return ok
 
     def _drop_dir(self, d: _Dir, msg: str) -> None:
         self.warn(msg)
@@ -615,7 +681,7 @@ class _Backup:
             self._fail(t, f, f"{_show(self.path(f))}: changed type while backing up")
             return None
         # A file replaced since the walk is backed up as it is now (fstat of what was opened).
-        n = f.node
+        n = _node(f)
         if st.st_ctime_ns != n.ctime_ns:
             # Changed since the walk listed its xattrs: list them again, from what was opened.
             del n.xattrs[:]
@@ -642,7 +708,7 @@ class _Backup:
         budget: int,
     ) -> bool:
         """Pull chunks of an open file into `out` until `budget` bytes; True when the file is done (fd closed)."""
-        n = f.node
+        n = _node(f)
         ids, sizes = f.ids, f.sizes
         assert isinstance(ids, list) and isinstance(sizes, list)  # set by _begin_read
         blob_id = self.hasher.blob_id
@@ -685,7 +751,7 @@ class _Backup:
         """Thread: read and chunk a group of small files (the walk looked them up already)."""
         out: list[tuple[bytes, memoryview]] = []
         for f in group:
-            n = f.node
+            n = _node(f)
             if n.size == 0:
                 f.ids, f.sizes = (), ()
                 self.cache.record(
@@ -850,7 +916,7 @@ class _Backup:
 
         done = False
         try:
-            chunks = self.chunker.chunks_of_fd(fd, f.node.size)
+            chunks = self.chunker.chunks_of_fd(fd, _node(f).size)
             while not done:
                 # At most BIG_FILE_INFLIGHT batches stored at once: this one and what is left
                 # of the previous ones.
@@ -908,11 +974,11 @@ class _Backup:
                 t.files_unchanged += 1
                 t.files_done += 1
                 t.blobs_dedup += len(f.ids)
-                t.bytes_done += f.node.size
+                t.bytes_done += f.size
         self._merge(t)
-        small = [f for f in reread if f.node.size < READ_BUDGET]
+        small = [f for f in reread if f.size < READ_BUDGET]
         for f in reread:
-            if f.node.size >= READ_BUDGET:
+            if f.size >= READ_BUDGET:
                 self._big_unit(f)
         for i in range(0, len(small), SMALL_GROUP_FILES):
             self._small_unit(small[i : i + SMALL_GROUP_FILES])
@@ -921,7 +987,7 @@ class _Backup:
         kind, entries = unit
         if kind == "hits":
             return lambda: self._hits_unit(entries)
-        if len(entries) == 1 and entries[0].node.size >= READ_BUDGET:
+        if len(entries) == 1 and entries[0].size >= READ_BUDGET:
             return lambda: self._big_unit(entries[0])
         return lambda: self._small_unit(entries)
 
@@ -990,17 +1056,26 @@ class _Backup:
                 )
                 continue
             n, pn = link.node, prim.node
+            assert n is not None and pn is not None  # hard links always build their nodes
             link.ids, link.sizes = prim.ids, prim.sizes
             n.size, n.sparse = pn.size, pn.sparse
+        keep_node = self.cache.keep_node
         # self.dirs is in walk (pre-)order: reversed, every directory comes after its children.
         for d in reversed(self.dirs):
             if not d.ok and d is not top:
                 continue
-            nodes = []
+            keyed: list[tuple[bytes, bytes]] = []
             for c in d.children:
                 if not c.ok:
                     continue
                 n = c.node
+                if n is None:  # the files cache's node, serialized already
+                    data_refs.update(c.ids)
+                    c.ids = c.sizes = ()
+                    self.bytes_ok += c.size
+                    keyed.append((c.rel.rpartition(b"/")[2], c.body))
+                    c.body = b""
+                    continue
                 if n.type == FILE:
                     # The ids join the node only now (see _Entry), and leave the entry.
                     data_refs.update(c.ids)
@@ -1008,17 +1083,34 @@ class _Backup:
                     n.content_sizes.extend(c.sizes)
                     c.ids = c.sizes = ()
                     self.bytes_ok += n.size
-                nodes.append(n)
-                # Encoded below and needed no more: a node that holds its ids is ~1 KiB
-                # larger, and all of them at once were the run's peak.
+                    body = n.SerializeToString(deterministic=True)
+                    if n.nlink == 1:
+                        # For the next run's walk (design.md §Files cache): the node without
+                        # its name, which comes first (field 1).
+                        head = b"\x0a" + varint(len(n.name)) + n.name
+                        if body.startswith(head):
+                            keep_node(
+                                c.rel,
+                                (n.size, n.mtime_ns, n.ctime_ns, n.inode, n.device),
+                                n.atime_ns,
+                                n.sparse,
+                                body[len(head) :],
+                            )
+                else:
+                    body = n.SerializeToString(deterministic=True)
+                keyed.append((n.name, body))
+                # Encoded and needed no more: a node that holds its ids is ~1 KiB larger, and
+                # all of them at once were the run's peak.
                 c.node = _RELEASED
-            parts = encode_tree(nodes)
-            del nodes
+            parts = encode_serialized(keyed)
+            del keyed
             ids = [blob_id(p) for p in parts]
             for i, p in zip(ids, parts, strict=True):
                 parts_out.setdefault(i, p)
+            assert d.node is not None
             del d.node.subtree[:]
             d.node.subtree.extend(ids)
+        assert top.node is not None
         root = encode_root(top.node)
         root_id = blob_id(root)
         parts_out.setdefault(root_id, root)
@@ -1084,6 +1176,7 @@ class _Backup:
             raise
         finally:
             self.sealing = None  # drop the data key with the run
+        self.cache.names = self.owners.known()  # the names the saved nodes carry
         try:
             await asyncio.to_thread(self.cache.save)
         except OSError as exc:

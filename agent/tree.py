@@ -60,6 +60,10 @@ class Owners:
             self._groups[gid] = name
         return name
 
+    def known(self) -> tuple[dict[int, str], dict[int, str]]:
+        """Copies of the names looked up so far: (uid -> user, gid -> group)."""
+        return dict(self._users), dict(self._groups)
+
 
 def node_type(st_mode: int) -> repo_pb2.NodeType.ValueType:
     """The NodeType of an lstat mode (UNSPECIFIED for a type clawback does not know)."""

@@ -26,13 +26,23 @@ def encode_tree(nodes: Iterable[repo_pb2.Node], part_size: int = TREE_PART_SIZE)
     least one subtree id. Names are not validated here: the writer takes
     them from the filesystem; readers validate with `decode_tree`.
     """
+    return encode_serialized(
+        [(n.name, n.SerializeToString(deterministic=True)) for n in nodes], part_size
+    )
+
+
+def encode_serialized(
+    keyed: list[tuple[bytes, bytes]], part_size: int = TREE_PART_SIZE
+) -> list[bytes]:
+    """`encode_tree` for nodes serialized already: (name, the node's deterministic
+    serialization) pairs in any order; the list is sorted in place."""
     if part_size <= 0:
         raise ValueError("part_size must be positive")
     # The Tree's wire form built from each node's own serialization: a repeated message
     # field is the concatenation of (tag 1, length, message), exactly what
     # Tree(nodes=...).SerializeToString(deterministic=True) writes, without copying every
     # node into a new Tree first (tests pin the two as byte-identical).
-    keyed = sorted((n.name, n.SerializeToString(deterministic=True)) for n in nodes)
+    keyed.sort()
     data = b"".join(b"\x0a" + varint(len(body)) + body for _, body in keyed)
     if not data:
         return [b""]

@@ -191,11 +191,12 @@ async def test_second_backup_reads_nothing_and_uploads_no_data(env: Env, workdir
     assert (workdir / "dst" / "small.txt").read_bytes() == b"changed"
 
 
-async def test_unchanged_files_without_xattrs_are_not_listed_again(
+async def test_unchanged_files_are_not_listed_again(
     env: Env, workdir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A files-cache hit that had no xattrs is not listed again (its ctime would have moved);
-    one that gains an xattr is listed, and the snapshot carries the new xattr."""
+    """A files-cache hit takes its node, xattrs included, from the cache: nothing is listed
+    (setting or removing an xattr moves the ctime); a file that gains an xattr is listed and
+    read again, and the snapshot carries the new xattr and the old ones."""
     from agent import backup as backup_mod
 
     src = workdir / "src"
@@ -216,7 +217,7 @@ async def test_unchanged_files_without_xattrs_are_not_listed_again(
     r2 = await backup(env, src)
     assert r2.files_read == 0
     names = {os.path.basename(p) for p in listed if isinstance(p, bytes)}
-    assert names == {b"src", b"tagged"}  # the root directory, and the file that has xattrs
+    assert names == {b"src"}  # the root directory only
     os.setxattr(src / "plain0", b"user.new", b"yes")  # content unchanged, ctime moves
     listed.clear()
     r3 = await backup(env, src)
@@ -226,6 +227,74 @@ async def test_unchanged_files_without_xattrs_are_not_listed_again(
     assert (await restore(env, r3.info, dst)).errors == []
     assert os.getxattr(dst / "plain0", b"user.new") == b"yes"
     assert os.getxattr(dst / "tagged", b"user.tag") == b"1"
+
+
+async def test_nodes_from_the_files_cache_are_the_nodes_a_walk_builds(
+    env: Env, workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unchanged backup that re-uses the cached nodes gives the very trees (the same root
+    id) as one that builds every node from lstat; a cached node whose atime, or whose owner's
+    name, no longer holds is built again."""
+    import marshal
+    import struct
+
+    from agent import backup as backup_mod
+    from agent.filescache import _FLAGS, MAGIC, NODE, _body_end
+
+    src = build_source(workdir)
+    os.setxattr(src / "small.txt", b"user.k", b"v")
+    await backup(env, src)
+    await backup(env, src)  # the directories' atimes settle after their first listing
+    built: list[bytes] = []
+    real = backup_mod.node_from_stat
+
+    def counting(name: bytes, st: os.stat_result, owners: object) -> object:
+        built.append(name)
+        return real(name, st, owners)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(backup_mod, "node_from_stat", counting)
+    fast = await backup(env, src)
+    assert fast.files_read == 0
+    assert b"small.txt" not in built and b"multi-chunk.bin" not in built
+    assert b"linked" in built  # hard links: always built (the links share one node's content)
+    monkeypatch.setattr(backup_mod._Backup, "_cached_names_hold", lambda self: False)
+    built.clear()
+    slow = await backup(env, src)
+    assert b"small.txt" in built and slow.files_read == 0
+    assert slow.info.root == fast.info.root
+    monkeypatch.undo()
+    monkeypatch.setattr(backup_mod, "node_from_stat", counting)
+
+    # The cache says small.txt had another atime (a reader touched it): its node is built.
+    [path] = Path(env.cache_dir).glob("files.*.cache")
+    raw = path.read_bytes()
+    scope, entries, names = marshal.loads(raw[len(MAGIC) :])
+    value = entries[b"small.txt"]
+    assert value[_FLAGS] & NODE
+    end = _body_end(value)
+    (atime,) = struct.unpack_from("<q", value, end)
+    assert atime == os.lstat(src / "small.txt").st_atime_ns
+    entries[b"small.txt"] = value[:end] + struct.pack("<q", atime - 1) + value[end + 8 :]
+    path.write_bytes(MAGIC + marshal.dumps((scope, entries, names)))
+    built.clear()
+    again = await backup(env, src)
+    assert built.count(b"small.txt") == 1 and b"name with spaces" not in built
+    assert again.info.root == fast.info.root
+
+    # An owner's name the cached nodes carry resolves differently now: every node is built,
+    # and the next run trusts the cache again.
+    scope, entries, names = marshal.loads(path.read_bytes()[len(MAGIC) :])
+    uid = os.lstat(src / "small.txt").st_uid
+    assert uid in names[0]
+    names[0][uid] = names[0][uid] + "-renamed"
+    path.write_bytes(MAGIC + marshal.dumps((scope, entries, names)))
+    built.clear()
+    renamed = await backup(env, src)
+    assert b"small.txt" in built and b"name with spaces" in built
+    assert renamed.info.root == fast.info.root
+    built.clear()
+    await backup(env, src)
+    assert b"small.txt" not in built
 
 
 async def test_cache_hit_whose_blobs_vanished_is_reread(
@@ -406,7 +475,7 @@ async def test_tampered_envelope_fails_authentication(env: Env, workdir: Path) -
 
 async def _file_chunk(env: Env, r: BackupResult, name: bytes) -> bytes:
     """The first chunk id of a top-level file, read through the restore's own tree code."""
-    from agent.restore import _Restore
+    from agent.restore import _File, _Restore
 
     rs = _Restore(
         env.repo,
@@ -421,8 +490,9 @@ async def _file_chunk(env: Env, r: BackupResult, name: bytes) -> bytes:
         clock=ManualClock(),
     )
     await rs.load_trees()
-    node = next(n for n in rs.entries[()] if n.name == name)
-    return node.content[0]
+    f = next(e for e in rs.entries[()] if e.name == name)
+    assert isinstance(f, _File) and f.ids
+    return f.ids[:32]
 
 
 async def test_wrong_key_file_is_refused(env: Env, workdir: Path) -> None:

@@ -95,7 +95,7 @@ def test_per_source_files_and_unsafe_names(tmp_path: Path) -> None:
     assert os.stat(cache_path(tmp_path / "new" / "dir", "x")).st_mode & 0o077 == 0
 
 
-def test_a_v1_cache_is_migrated_and_written_back_as_v3(tmp_path: Path) -> None:
+def test_a_v1_cache_is_migrated_and_written_back_as_v4(tmp_path: Path) -> None:
     import marshal
 
     from agent.filescache import MAGIC, MAGIC_V1
@@ -108,7 +108,7 @@ def test_a_v1_cache_is_migrated_and_written_back_as_v3(tmp_path: Path) -> None:
     assert c.loaded and len(c) == 2
     assert c.lookup(b"f", *ENTRY[:5]) == ENTRY
     assert c.lookup(b"e", 0, 1, 2, 3, 4) == (0, 1, 2, 3, 4, (), ())
-    assert c.changed and c.save()  # unchanged entries, but the file is rewritten as v3
+    assert c.changed and c.save()  # unchanged entries, but the file is rewritten as v4
     assert p.read_bytes().startswith(MAGIC)
     c2 = FilesCache.open(tmp_path, "src", scope="repo-a")
     assert c2.lookup(b"f", *ENTRY[:5]) == ENTRY
@@ -142,7 +142,7 @@ def test_a_v2_cache_is_migrated_with_flags_unknown(tmp_path: Path) -> None:
     p.write_bytes(MAGIC_V2 + marshal.dumps(("repo-a", {b"f": v2})))
     c = FilesCache.open(tmp_path, "src", scope="repo-a")
     assert c.lookup(b"f", *ENTRY[:5]) == ENTRY
-    assert c.hit(b"f", *ENTRY[:5]) == (IDS, (10, 20), 0)  # xattrs unknown: listed again
+    assert c.hit(b"f", *ENTRY[:5]) == (IDS, (10, 20), 0, 0, b"")  # xattrs unknown: listed
     assert c.changed and c.save()
     assert p.read_bytes().startswith(MAGIC)
     assert FilesCache.open(tmp_path, "src", scope="repo-a").lookup(b"f", *ENTRY[:5]) == ENTRY
@@ -156,8 +156,79 @@ def test_flags_are_kept_with_the_entry(tmp_path: Path) -> None:
     c.record(b"with-xattrs", ENTRY)
     c.save()
     c2 = FilesCache.open(tmp_path, "src")
-    assert c2.hit(b"plain", *ENTRY[:5]) == (IDS, (10, 20), NO_XATTRS)
-    assert c2.hit(b"with-xattrs", *ENTRY[:5]) == (IDS, (10, 20), 0)
+    assert c2.hit(b"plain", *ENTRY[:5]) == (IDS, (10, 20), NO_XATTRS, 0, b"")
+    assert c2.hit(b"with-xattrs", *ENTRY[:5]) == (IDS, (10, 20), 0, 0, b"")
     c2.save()  # carried over as they were
     c3 = FilesCache.open(tmp_path, "src")
-    assert c3.hit(b"plain", *ENTRY[:5]) == (IDS, (10, 20), NO_XATTRS)
+    assert c3.hit(b"plain", *ENTRY[:5]) == (IDS, (10, 20), NO_XATTRS, 0, b"")
+
+
+def test_a_v3_cache_is_migrated_with_its_flags(tmp_path: Path) -> None:
+    import marshal
+    import struct
+
+    from agent.filescache import MAGIC, MAGIC_V3, NO_XATTRS
+
+    head = struct.pack("<QqqQQ", *ENTRY[:5])
+    v3 = head + bytes((NO_XATTRS,)) + b"".join(IDS) + struct.pack("<2I", *ENTRY[6])
+    one = struct.pack("<QqqQQ", 5, 1, 2, 3, 4) + b"\x00" + IDS[0] + struct.pack("<I", 5)
+    empty = struct.pack("<QqqQQ", 0, 1, 2, 3, 4) + b"\x00"
+    p = cache_path(tmp_path, "src")
+    p.write_bytes(MAGIC_V3 + marshal.dumps(("repo-a", {b"f": v3, b"one": one, b"e": empty})))
+    c = FilesCache.open(tmp_path, "src", scope="repo-a")
+    assert c.hit(b"f", *ENTRY[:5]) == (IDS, (10, 20), NO_XATTRS, 0, b"")
+    assert c.hit(b"one", 5, 1, 2, 3, 4) == ((IDS[0],), (5,), 0, 0, b"")
+    assert c.hit(b"e", 0, 1, 2, 3, 4) == ((), (), 0, 0, b"")
+    assert c.changed and c.save()
+    assert p.read_bytes().startswith(MAGIC)
+    c2 = FilesCache.open(tmp_path, "src", scope="repo-a")
+    assert c2.lookup(b"f", *ENTRY[:5]) == ENTRY and len(c2) == 3
+
+
+def test_a_node_is_kept_with_its_entry_until_the_file_is_read_again(tmp_path: Path) -> None:
+    from agent.filescache import NO_XATTRS, NODE, SPARSE
+
+    node = b"\x10\x01 serialized node without its name"
+    c = FilesCache.open(tmp_path, "src")
+    c.record(b"f", ENTRY, NO_XATTRS)
+    c.record(b"g", ENTRY)
+    c.keep_node(b"f", ENTRY[:5], 12345, True, node)
+    c.keep_node(b"g", (31, *ENTRY[1:5]), 1, False, node)  # another stat: not this entry's node
+    c.keep_node(b"absent", ENTRY[:5], 1, False, node)  # no entry: nothing kept
+    c.names = ({0: "root"}, {0: "root"})
+    assert c.save()
+    c2 = FilesCache.open(tmp_path, "src")
+    assert len(c2) == 2 and c2.names == ({0: "root"}, {0: "root"})
+    assert c2.hit(b"f", *ENTRY[:5]) == (IDS, (10, 20), NO_XATTRS | NODE | SPARSE, 12345, node)
+    assert c2.hit(b"g", *ENTRY[:5]) == (IDS, (10, 20), 0, 0, b"")
+    assert c2.lookup(b"f", *ENTRY[:5]) == ENTRY
+    assert not c2.changed  # carried over, node and all
+    c2.record(b"f", ENTRY, NO_XATTRS)  # read again: the node goes until the tree is built
+    c2.save()
+    assert FilesCache.open(tmp_path, "src").hit(b"f", *ENTRY[:5]) == (
+        IDS,
+        (10, 20),
+        NO_XATTRS,
+        0,
+        b"",
+    )
+
+
+def test_a_truncated_node_entry_makes_the_cache_corrupt(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import marshal
+
+    from agent.filescache import MAGIC
+
+    c = FilesCache.open(tmp_path, "src")
+    c.record(b"f", ENTRY)
+    c.keep_node(b"f", ENTRY[:5], 1, False, b"node")
+    c.save()
+    p = cache_path(tmp_path, "src")
+    scope, entries, names = marshal.loads(p.read_bytes()[len(MAGIC) :])
+    entries[b"f"] = entries[b"f"][:-10]  # cut into the atime
+    p.write_bytes(MAGIC + marshal.dumps((scope, entries, names)))
+    with caplog.at_level(logging.WARNING):
+        assert len(FilesCache.open(tmp_path, "src")) == 0
+    assert "corrupt" in caplog.text
