@@ -573,7 +573,8 @@ class SqliteCatalog:
         return self.ref_keys(ids)[1]
 
     def ref_keys(self, ids: Sequence[bytes]) -> tuple[int, set[bytes]]:
-        unique = sorted({i for i in ids if len(i) == ID_SIZE})
+        # Linear on ids in order already (a commit's sorted references).
+        unique = [i for i in dict.fromkeys(sorted(ids)) if len(i) == ID_SIZE]
 
         def run(conn: sqlite3.Connection) -> tuple[int, set[bytes]]:
             found = 0
