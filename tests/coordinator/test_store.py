@@ -308,3 +308,11 @@ def test_snapshot_record_round_trip(refs: list[bytes], agent: str, started: int)
         flipped[-40] ^= 1  # inside the last reference
         with pytest.raises(IntegrityError, match="checksum"):
             decode_record(bytes(flipped))
+
+
+def test_a_reference_of_the_wrong_size_is_refused() -> None:
+    snap = common_pb2.SnapshotInfo(id=SID, root=b"r" * 32)
+    with pytest.raises(UsageError, match="reference of 31 bytes"):
+        encode_record(snap, [b"a" * 32, b"b" * 31, b"c" * 32])
+    with pytest.raises(UsageError, match="reference of 0 bytes"):
+        encode_record(snap, [b""])
