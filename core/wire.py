@@ -28,14 +28,25 @@ SERVER_OPTIONS: list[tuple[str, int | str]] = [
 ]
 
 
-def varint(n: int) -> bytes:
-    """A protobuf base-128 varint (for building wire bytes without message objects)."""
+def _varint(n: int) -> bytes:
     out = bytearray()
     while n > 0x7F:
         out.append(n & 0x7F | 0x80)
         n >>= 7
     out.append(n)
     return bytes(out)
+
+
+# Lengths of names and tree nodes: looked up, not computed, once per entry in a backup's walk
+# and tree build.
+_VARINTS = tuple(_varint(i) for i in range(1 << 14))
+
+
+def varint(n: int) -> bytes:
+    """A protobuf base-128 varint (for building wire bytes without message objects)."""
+    if 0 <= n < 1 << 14:
+        return _VARINTS[n]
+    return _varint(n)
 
 
 def _read_varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:

@@ -107,3 +107,10 @@ def test_parse_upload_skips_unknown_fields_and_refuses_truncation() -> None:
     for bad in (b"\x12", msg[:3], msg[:10], msg[:-3], b"\x12\xff"):
         with pytest.raises(errors.UsageError, match="malformed"):
             parse_upload(bad)
+
+
+def test_varint_is_protobufs_encoding() -> None:
+    from google.protobuf.internal.encoder import _VarintBytes
+
+    for n in (0, 1, 127, 128, 300, 16383, 16384, 2**21, 2**32 + 5, 2**63 - 1):
+        assert varint(n) == _VarintBytes(n), n
