@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import random
 import socket
@@ -23,24 +22,12 @@ from core.chunkid import key_check
 from core.clock import SYSTEM, Clock
 from core.format import RepoConfig
 from core.keys import KeyProvider
+from core.memory import trim_malloc
 from core.vaultkeys import VaultKeyProvider
 from core.wire import error_from_rpc
 from protos.clawback.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 
 log = logging.getLogger("clawback.agent")
-
-
-def trim_malloc() -> bool:
-    """Give the heap's free pages back to the kernel (glibc malloc_trim) when a job ends: an
-    idle agent should not keep what its last job freed, nor start the next one with it
-    (a 2G backup left ~150 MiB resident). False where there is no malloc_trim (not glibc)."""
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return False
-    trim.argtypes = [ctypes.c_size_t]
-    trim.restype = ctypes.c_int
-    return bool(trim(0))
 
 
 CAPABILITIES = ("backup.volume.v1", "restore.v1")

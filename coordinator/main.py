@@ -16,8 +16,15 @@ from coordinator.server import build_server, stop_server
 from core import errors, systemd
 from core.certs import CertSource, source_from_settings
 from core.clock import SYSTEM
+from core.memory import MiB, tune_malloc
 
 log = logging.getLogger("clawback.coordinator")
+
+# glibc malloc (core/memory.py): received upload messages (up to 24 MiB) and pack buffers stay
+# in the heap while blob streams run; the heap is trimmed when the last one closes. A full 2G
+# backup: ~40k page faults instead of 100-250k, ~0.3 CPU-s less.
+MALLOC_MMAP_THRESHOLD = 64 * MiB
+MALLOC_TRIM_THRESHOLD = 256 * MiB
 
 PROG = "clawback-coordinator"
 DEFAULT_CONFIG = "/etc/clawback/coordinator.toml"
@@ -132,6 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=getattr(logging, config.log_level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    tune_malloc(mmap_threshold=MALLOC_MMAP_THRESHOLD, trim_threshold=MALLOC_TRIM_THRESHOLD)
     try:
         return asyncio.run(serve(config))
     except errors.ConfigError as exc:  # e.g. unreadable TLS files

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import functools
 import hmac
 import logging
@@ -21,6 +22,7 @@ from coordinator.registry import AgentSession, Registry
 from core import chunker, compression, errors, format, tls, wire
 from core.certs import CertSource, FileCertSource
 from core.clock import SYSTEM, Clock
+from core.memory import trim_malloc
 from protos.clawback.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc, common_pb2
 
 log = logging.getLogger(__name__)
@@ -277,6 +279,19 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         self._heartbeat = heartbeat_interval_s
         self._clock = clock
         self._auth = _Auth(store)
+        self._transfers = 0  # blob streams open (uploads and downloads)
+
+    @contextlib.contextmanager
+    def _transfer(self) -> Iterator[None]:
+        """Count a blob stream; when the last one closes, the heap's free pages go back to
+        the kernel (core/memory.py keeps them in the heap while streams run)."""
+        self._transfers += 1
+        try:
+            yield
+        finally:
+            self._transfers -= 1
+            if not self._transfers:
+                asyncio.get_running_loop().run_in_executor(None, trim_malloc)
 
     @_guarded_stream
     async def Control(
@@ -407,6 +422,12 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         """Requests arrive as wire bytes (`_register_raw_uploads`). One message is written
         to the session in a thread while the next is received and parsed; the session
         takes them in order."""
+        with self._transfer():
+            return await self._upload(request_iterator, context)
+
+    async def _upload(
+        self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> agent_pb2.UploadResponse:
         name = await self._auth.agent(context)
         loop = asyncio.get_running_loop()
         session: Any = None
@@ -462,8 +483,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         name = await self._auth.agent(context)
         ids = wire.unpack_ids(request.ids)
         await self._jobs.authorize_download(name, request.job_id, ids)
-        async for response in _stream_blobs(self._store, ids):
-            yield response
+        with self._transfer():
+            async for response in _stream_blobs(self._store, ids):
+                yield response
 
     @_guarded
     async def PutKeys(

@@ -683,3 +683,24 @@ async def test_malformed_upload_message_is_refused(env: Env) -> None:
     await expect_code(method(reqs()), grpc.StatusCode.INVALID_ARGUMENT, "malformed UploadRequest")
     resp = await env.agent().MissingBlobs(agent_pb2.MissingBlobsRequest(ids=good[0]))
     assert wire.read_bitmap(resp.missing, 1) == [True]  # the open pack was discarded
+
+
+async def test_the_heap_is_trimmed_when_the_last_blob_stream_closes(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from coordinator import server as server_mod
+
+    trims: list[int] = []
+    monkeypatch.setattr(server_mod, "trim_malloc", lambda: trims.append(1) or True)
+    await init_repo(env)
+    await upload(env, [blob(i) for i in range(3)])
+    for _ in range(100):  # the trim runs in an executor thread after the response
+        if trims:
+            break
+        await asyncio.sleep(0.01)
+    assert trims == [1]
+    # Two streams at once: one trim, when both have closed.
+    trims.clear()
+    await asyncio.gather(upload(env, [blob(10)]), upload(env, [blob(11)], who="node1"))
+    await asyncio.sleep(0.2)
+    assert 1 <= len(trims) <= 2
