@@ -28,11 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-
 from core.clock import SYSTEM, Clock
 from core.config import Table
 from core.errors import ClawbackError, ConfigError, PermissionDenied, Unavailable, UsageError
@@ -40,6 +35,10 @@ from core.tls import ROLES, TlsFiles, identity_from_pem
 
 if TYPE_CHECKING:  # hvac is imported only by processes that use Vault
     from core.vault import VaultClient, VaultSettings
+
+# cryptography is imported inside the functions that parse or make certificates: the
+# `clawback` CLI imports this module on every run but, with certificate files, never
+# parses one, and cryptography.x509 costs it ~35 ms of start-up.
 
 log = logging.getLogger("clawback.certs")
 
@@ -172,6 +171,9 @@ class FileCertSource:
         sig = self._signature()
         if sig == self._sig:
             return
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+
         try:
             material = self.files.read()
             cert = x509.load_pem_x509_certificate(material[1])
@@ -215,6 +217,11 @@ def _san_list(hosts: Sequence[str]) -> tuple[list[str], list[str]]:
 
 def _make_csr(common_name: str, hosts: Sequence[str]) -> tuple[bytes, str]:
     """A fresh P-256 key (PEM, memory only) and a CSR for it with CN = `common_name`."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
     key = ec.generate_private_key(ec.SECP256R1())
     builder = x509.CertificateSigningRequestBuilder().subject_name(
         x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
@@ -301,6 +308,8 @@ class VaultCertSource:
     # ---- issuing -------------------------------------------------------------
     def issue(self) -> None:
         """Get a new certificate now (blocking) and make it current; raises translated errors."""
+        from cryptography import x509
+
         key_pem, csr_pem = _make_csr(self.common_name, self.hosts)
         dns, ips = _san_list(self.hosts)
         try:

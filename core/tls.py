@@ -9,12 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-
-import grpc
-from cryptography import x509
-from cryptography.x509.oid import NameOID
+from typing import TYPE_CHECKING
 
 from core.errors import ConfigError, PermissionDenied
+
+if TYPE_CHECKING:
+    import grpc
+
+# grpc and cryptography are imported by the functions that use them: every run of the
+# `clawback` CLI imports this module (for TlsFiles) but, with certificate files, parses no
+# certificate (cryptography.x509 costs ~35 ms), and `--help` or `certs init` dial nothing.
 
 ROLES = ("agent", "admin", "coordinator")
 
@@ -46,12 +50,14 @@ class Identity:
 
 
 def identity_from_pem(pem: bytes) -> Identity:
+    import cryptography.x509 as x509  # ~0.3 µs once loaded: this runs for every RPC
+
     try:
         cert = x509.load_pem_x509_certificate(pem)
     except ValueError as exc:
         raise PermissionDenied(f"unreadable peer certificate: {exc}") from None
-    cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    ou = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
+    cn = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    ou = cert.subject.get_attributes_for_oid(x509.NameOID.ORGANIZATIONAL_UNIT_NAME)
     if not cn or not ou:
         raise PermissionDenied("peer certificate has no CN/OU: not a clawback certificate")
     role = str(ou[0].value)
@@ -69,6 +75,8 @@ def peer_identity(auth_context: dict[str, list[bytes]]) -> Identity:
 
 
 def server_credentials(files: TlsFiles) -> grpc.ServerCredentials:
+    import grpc
+
     ca, cert, key = files.read()
     return grpc.ssl_server_credentials(
         [(key, cert)], root_certificates=ca, require_client_auth=True
@@ -76,6 +84,8 @@ def server_credentials(files: TlsFiles) -> grpc.ServerCredentials:
 
 
 def channel_credentials(files: TlsFiles) -> grpc.ChannelCredentials:
+    import grpc
+
     ca, cert, key = files.read()
     return grpc.ssl_channel_credentials(
         root_certificates=ca, private_key=key, certificate_chain=cert

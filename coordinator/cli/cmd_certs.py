@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from coordinator.cli.certs import DEFAULT_DAYS, create_dev_pki
-
 if TYPE_CHECKING:
     from coordinator.cli.main import Context
+
+# coordinator.cli.certs.DEFAULT_DAYS (a test checks they agree): importing that module
+# here would load cryptography on every run of the CLI, not only `certs init`.
+DEFAULT_DAYS = 365
 
 
 def setup(
@@ -59,6 +61,8 @@ def setup(
 
 
 def run_init(ctx: Context, args: argparse.Namespace) -> int:
+    from coordinator.cli.certs import create_dev_pki
+
     admins = args.admin or ([] if args.add else ["admin"])
     made = create_dev_pki(
         args.dir, args.agent, admins, args.host, args.days, add=args.add, clock=ctx.clock

@@ -8,8 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from coordinator.cli.output import human_size, repo_dict
-from core import chunkid, errors
-from core.keys import create_key_file
+from core import errors
 
 if TYPE_CHECKING:
     from coordinator.cli.client import AdminClient
@@ -55,6 +54,8 @@ def _refuse_existing(client: AdminClient) -> None:
 
 
 def run_init(ctx: Context, args: argparse.Namespace) -> int:
+    from core.keys import create_key_file
+
     client = ctx.client()
     if ctx.settings.key_provider == "vault":
         return _init_with_vault(ctx, args)
@@ -88,6 +89,8 @@ def run_init(ctx: Context, args: argparse.Namespace) -> int:
 def _init_with_vault(ctx: Context, args: argparse.Namespace) -> int:
     """Vault holds the id key (written once by `clawback vault setup`): only its check goes to the
     coordinator, computed through a single-use grant (the operator role cannot read the key)."""
+    from core import chunkid
+
     client = ctx.client()
     _refuse_existing(client)
     key_check = chunkid.key_check(ctx.key_provider().id_key())
