@@ -6,7 +6,7 @@ from collections.abc import Iterable, Sequence
 
 import grpc
 
-from core import chunker, errors, format
+from core import errors, format
 from core.format import ID_SIZE, MAX_IDS_PER_QUERY, MAX_MESSAGE_SIZE
 from protos.clawback.v1 import common_pb2
 
@@ -261,6 +261,8 @@ def error_from_rpc(exc: grpc.RpcError, what: str = "") -> errors.ClawbackError:
 
 def repo_config_to_wire(cfg: format.RepoConfig) -> common_pb2.RepoConfig:
     """The repository config as sent in Welcome and by GetRepository."""
+    from core import chunker  # pyfastcdc: not for the CLI, which imports this module
+
     p = chunker.params(cfg.chunker)
     return common_pb2.RepoConfig(
         version=cfg.version,
