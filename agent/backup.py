@@ -824,6 +824,14 @@ class _Backup:
     ) -> list[tuple[bytes, memoryview | bytes]]:
         """Thread: the chunks this call must store. Dedup within the run (an id is claimed by
         the first call that meets it with its data), then ask MissingBlobs for the rest."""
+        mine = self._claim(t, chunks)
+        return self._answer(t, mine, self._missing(list(mine))) if mine else []
+
+    def _claim(
+        self, t: _Tally, chunks: Sequence[tuple[bytes, memoryview | bytes]]
+    ) -> dict[bytes, memoryview | bytes]:
+        """Thread: the chunks no other call of this run has met: this one stores them if the
+        coordinator has not."""
         mine: dict[bytes, memoryview | bytes] = {}
         with self._lock:
             claimed = self.claimed
@@ -833,16 +841,30 @@ class _Backup:
                     continue
                 claimed.add(cid)
                 mine[cid] = data
-        if not mine:
-            return []
-        ids = list(mine)
+        return mine
+
+    @staticmethod
+    def _answer(
+        t: _Tally, mine: dict[bytes, memoryview | bytes], missing: list[bool]
+    ) -> list[tuple[bytes, memoryview | bytes]]:
         todo: list[tuple[bytes, memoryview | bytes]] = []
-        for cid, m in zip(ids, self._missing(ids), strict=True):
+        for (cid, data), m in zip(mine.items(), missing, strict=True):
             if m:
-                todo.append((cid, mine[cid]))
+                todo.append((cid, data))
             else:
                 t.blobs_dedup += 1
         return todo
+
+    def _ask(self, ids: list[bytes]) -> Callable[[], list[bool]]:
+        """Thread: MissingBlobs for `ids` sent now where the client can (one request), the
+        answer read by calling what is returned."""
+        send: Callable[[Sequence[bytes]], Callable[[], list[bool]]] | None = getattr(
+            self.repo, "missing_future", None
+        )
+        if send is not None and len(ids) <= MISSING_BATCH:
+            return send(ids)
+        flags = self._missing(ids)
+        return lambda: flags
 
     def _seal_and_send(
         self, t: _Tally, todo: Sequence[tuple[bytes, memoryview | bytes]], btype: int
@@ -914,33 +936,47 @@ class _Backup:
                     inflight[0] -= 1
                     cv.notify_all()
 
+        def queue(t: _Tally, todo: list[tuple[bytes, memoryview | bytes]]) -> None:
+            parts: list[list[tuple[bytes, memoryview | bytes]]] = []
+            size = SEAL_PART
+            for item in todo:
+                if size >= SEAL_PART:
+                    parts.append([])
+                    size = 0
+                parts[-1].append(item)
+                size += len(item[1])
+            del todo[:]
+            self._merge(t)
+            for part in parts:
+                with cv:
+                    inflight[0] += 1
+                self.work.add(lambda part=part: seal_part(part), urgent=True)  # type: ignore[misc]
+
+        # The coordinator answers about one batch while the next is read: (tally, claimed
+        # chunks, answer) of the batch read last.
+        asked: tuple[_Tally, dict[bytes, memoryview | bytes], Callable[[], list[bool]]] | None
+        asked = None
         done = False
         try:
             chunks = self.chunker.chunks_of_fd(fd, _node(f).size)
             while not done:
                 # At most BIG_FILE_INFLIGHT batches stored at once: this one and what is left
-                # of the previous ones.
+                # of the previous ones (and the one being asked about).
                 self.work.wait_until(lambda: inflight[0] <= _PARTS_IN_FLIGHT)
                 out: list[tuple[bytes, memoryview]] = []
                 t = _Tally()
                 done = self._read_fd(t, f, fd, chunks, out, READ_BUDGET)
-                todo = self._to_store(t, out)
+                mine = self._claim(t, out)
                 del out
-                self._merge(t)
-                parts: list[list[tuple[bytes, memoryview | bytes]]] = []
-                size = SEAL_PART
-                for item in todo:
-                    if size >= SEAL_PART:
-                        parts.append([])
-                        size = 0
-                    parts[-1].append(item)
-                    size += len(item[1])
-                del todo
-                for part in parts:
-                    with cv:
-                        inflight[0] += 1
-                    self.work.add(lambda part=part: seal_part(part), urgent=True)  # type: ignore[misc]
-                del parts
+                now = (t, mine, self._ask(list(mine))) if mine else None
+                if now is None:
+                    self._merge(t)
+                if asked is not None:
+                    queue(asked[0], self._answer(asked[0], asked[1], asked[2]()))
+                asked = now
+                del mine, now
+            if asked is not None:
+                queue(asked[0], self._answer(asked[0], asked[1], asked[2]()))
         except BaseException:
             if not done:
                 with contextlib.suppress(OSError):

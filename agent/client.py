@@ -7,7 +7,7 @@ import contextlib
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -328,8 +328,9 @@ class GrpcRepoClient:
                 request_serializer=agent_pb2.MissingBlobsRequest.SerializeToString,
                 response_deserializer=agent_pb2.MissingBlobsResponse.FromString,
             )
-            # Found by the backup's threads (agent/backup.py `_missing`).
+            # Found by the backup's threads (agent/backup.py `_missing`, `_ask`).
             self.missing_from_thread = self._missing_sync
+            self.missing_future = self._missing_future
 
     async def missing(self, ids: Sequence[bytes]) -> list[bool]:
         out: list[bool] = []
@@ -355,6 +356,23 @@ class GrpcRepoClient:
                 raise error_from_rpc(exc, "missing-blobs query") from exc
             out.extend(read_bitmap(resp.missing, len(part)))
         return out
+
+    def _missing_future(self, ids: Sequence[bytes]) -> Callable[[], list[bool]]:
+        """`missing` for at most MAX_IDS_PER_QUERY ids, sent now from a worker thread; the
+        call returned waits for the answer (the caller reads on meanwhile)."""
+        if len(ids) > MAX_IDS_PER_QUERY:
+            raise ValueError(f"{len(ids)} ids in one query (at most {MAX_IDS_PER_QUERY})")
+        fut = self._missing_call.future(agent_pb2.MissingBlobsRequest(ids=pack_ids(ids)))
+        n = len(ids)
+
+        def result() -> list[bool]:
+            try:
+                resp = fut.result()
+            except grpc.RpcError as exc:
+                raise error_from_rpc(exc, "missing-blobs query") from exc
+            return read_bitmap(resp.missing, n)
+
+        return result
 
     async def open_upload(self, job_id: str) -> _Upload | _ThreadUpload:
         if self.upload_channel is not None:
