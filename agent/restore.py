@@ -27,6 +27,13 @@ In directories this restore created, files are created with their final
 mode and owner where the result is the same (`fast_meta`), saving an fchmod
 and an fchown per file.
 
+Memory (one record per file of the snapshot, so it is kept small): the
+decoded trees are not kept; each file becomes a `_File` as its directory is
+decoded (metadata packed, chunk ids in one bytes value until planned), other
+entries keep a copy of their node. One dict, `uses`, is the download order,
+every blob's size and the plan; a blob that is a whole file maps to the file
+itself. A file is let go once its last blob is written.
+
 Durability: like cp or tar, a restore leaves the data in the page cache for
 the kernel to write back; it does not fsync (design.md §Trees).
 """
@@ -35,9 +42,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import mmap
 import os
 import shutil
 import stat
+import struct
 import sys
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -62,7 +71,7 @@ from core.chunkid import IdHasher
 from core.clock import SYSTEM, Clock
 from core.envelope import OVERHEAD, SealingKey, open_, open_into
 from core.errors import ClawbackError, IntegrityError, KeyMaterialError, UsageError
-from core.format import ENVELOPE_KEY_ID, RepoConfig
+from core.format import ENVELOPE_KEY_ID, ID_SIZE, RepoConfig
 from core.keys import KeyProvider
 from core.tree import decode_tree
 from protos.clawback.v1 import common_pb2, repo_pb2
@@ -71,7 +80,9 @@ DATA = common_pb2.BLOB_TYPE_DATA
 TREE = common_pb2.BLOB_TYPE_TREE
 
 INFLIGHT_BATCHES = 4  # groups of content blobs being opened or written at once
-ARENA_BYTES = 8 * 1024 * 1024  # plaintext per group: one reused buffer each
+# Plaintext per group: one reused buffer each, a private anonymous mmap outside the malloc
+# heap of which only the pages written count in RSS (groups are mostly far smaller).
+ARENA_BYTES = 8 * 1024 * 1024
 READ_AHEAD = 8  # DownloadResponses (~1 MiB each) received ahead of the workers
 # While restoring, the GIL is handed over every 0.5 ms instead of Python's 5 ms: the writer
 # thread releases it for every system call and would otherwise wait up to 5 ms to get it
@@ -186,41 +197,93 @@ class _DirFds:
         self._idle.clear()
 
 
+_META = struct.Struct("<IIIqq")  # a file's mode, uid, gid, atime_ns, mtime_ns
+
+
 class _File:
-    """A file whose content is being restored (touched by the writer thread only)."""
+    """A file to restore: what stages 2-3 need of its node, taken from the tree as it is
+    decoded (the decoded tree is not kept), and its state while written (the writer's).
+
+    Compact on purpose, one per file of the snapshot (docs/performance.md §Agent memory):
+    the metadata packed in one bytes value, the chunk ids in another, dropped once planned."""
 
     __slots__ = (
         "dfd",
+        "dir",
         "errors",
         "failed",
         "fd",
         "fresh",
+        "ids",
+        "link",
+        "meta",
         "mode_set",
-        "node",
+        "name",
         "owner_set",
-        "rel",
         "remaining",
+        "size",
+        "sizes",
+        "sparse",
         "tmp",
         "truncate",
+        "xattrs",
     )
 
-    def __init__(self, rel: Rel, node: repo_pb2.Node, fresh: bool = False) -> None:
-        self.rel = rel
-        self.node = node
-        self.fresh = fresh  # its directory was created by this restore (see _Restore.fast_meta)
+    def __init__(self, dir: Rel, node: repo_pb2.Node) -> None:
+        self.dir = dir  # its directory (a tuple shared by the directory's files)
+        self.name: bytes = node.name
+        self.size: int = node.size
+        self.meta = _META.pack(node.mode, node.uid, node.gid, node.atime_ns, node.mtime_ns)
+        self.sparse: bool = node.sparse
+        # Hard links: the (device, inode) its links share (design.md §Trees).
+        self.link = (node.device, node.inode) if node.nlink > 1 else None
+        self.xattrs = tuple((x.name, x.value) for x in node.xattrs) or None
+        # Its chunks until the plan (_plan) takes them: the ids concatenated, and their sizes
+        # (None for a single chunk: its size is the file's).
+        content = node.content
+        self.ids: bytes | None = b"".join(content)
+        self.sizes: tuple[int, ...] | None = (
+            tuple(node.content_sizes) if len(content) != 1 else None
+        )
+        self.fresh = False  # its directory was created by this restore (see _Restore.fast_meta)
         self.mode_set = False  # created with its final mode: no fchmod needed
         self.owner_set = False  # created with its final owner: no fchown needed
         self.fd: int | None = None
         self.dfd = -1  # its directory's fd, held (acquired) while fd is open and until finished
         self.tmp = b""  # the name it was created under: its own, or a temporary one (overwrite)
         self.failed = ""
-        self.errors: list[str] = []
+        self.errors: list[str] | None = None
         self.remaining = 0  # blobs still to write (set by the plan)
         self.truncate = False
 
+    @property
+    def rel(self) -> Rel:
+        return (*self.dir, self.name)
+
+    def note(self, msg: str) -> None:
+        """A problem that does not fail the file (reported when it is done)."""
+        if self.errors is None:
+            self.errors = []
+        self.errors.append(msg)
+
 
 _Use = tuple[_File, int, int, int]  # file, chunk index, offset, size
+# What the plan holds per content blob (_Restore.uses): its size (from the trees) until a file
+# stage 2 kept needs it, then the file itself when that is the blob's only use as a file's
+# only chunk (most files), one use, or a list of uses.
+_Uses = int | _File | _Use | list[_Use]
 _Downloaded = tuple[bytes, int, bytes | memoryview | None, str]  # id, type, envelope, error
+
+
+def _use_size(v: _Uses) -> int:
+    """The plaintext size the plan gives a blob."""
+    if isinstance(v, int):
+        return v
+    if isinstance(v, _File):
+        return v.size
+    if isinstance(v, list):
+        return v[0][3]
+    return v[3]
 
 
 class _Restore:
@@ -265,16 +328,20 @@ class _Restore:
         self.reporter = ProgressReporter(on_progress, clock)
         self.p = self.reporter.p
         self.fds = _DirFds(-1)  # replaced by the target's, in run()
-        self.uses: dict[bytes, list[_Use]] = {}  # blobs still to write, and where
-        self.sizes: dict[bytes, int] = {}  # each content blob's plaintext size, from the trees
-        self.arenas: list[bytearray] = []  # idle plaintext buffers of content batches
+        # Every content blob still to write, and where (or only its size: see _Uses), in the
+        # order the download asks for them: one dict for the plan, the order and the sizes.
+        self.uses: dict[bytes, _Uses] = {}
+        self.arenas: list[mmap.mmap] = []  # idle plaintext buffers of content batches
         self.open_files: OrderedDict[_File, None] = OrderedDict()  # partly written, fd open
         self.restored: dict[tuple[int, int], Rel] = {}  # (device, inode) -> first restored path
         self.tmp_prefix = os.urandom(6).hex().encode()
         self.tmp_seq = 0
         # The plan, filled by stage 1.
-        self.dirs: list[tuple[Rel, repo_pb2.Node]] = []  # breadth first: parents before children
-        self.entries: dict[Rel, list[repo_pb2.Node]] = {}  # a directory's non-dir children
+        # Directories breadth first (parents before children), each with a copy of its node:
+        # a node of the decoded tree would keep the whole tree in memory.
+        self.dirs: list[tuple[Rel, repo_pb2.Node]] = []
+        # A directory's non-dir children: files compact, other entries (few) as node copies.
+        self.entries: dict[Rel, list[_File | repo_pb2.Node]] = {}
         self.failed_dirs: set[Rel] = set()
         self.created_target = False
 
@@ -372,11 +439,12 @@ class _Restore:
     def _groups(self, batch: list[_Downloaded]) -> Iterator[tuple[list[_Downloaded], int]]:
         """A batch cut into groups of at most ARENA_BYTES of plaintext (by the sizes the trees
         give), with the bytes each needs: memory stays bounded however well blobs compress."""
-        sizes = self.sizes
+        uses = self.uses
         group: list[_Downloaded] = []
         need = 0
         for blob in batch:
-            size = sizes.get(blob[0], 0)
+            v = uses.get(blob[0])
+            size = 0 if v is None else _use_size(v)
             if group and need + size > ARENA_BYTES:
                 yield group, need
                 group, need = [], 0
@@ -385,33 +453,35 @@ class _Restore:
         if group:
             yield group, need
 
-    def _arena(self, need: int) -> bytearray:
-        """An idle plaintext buffer of at least `need` bytes (reused: its pages are touched once)."""
+    def _arena(self, need: int) -> mmap.mmap:
+        """An idle plaintext buffer of at least `need` bytes (reused: its pages are touched once;
+        a buffer dropped is unmapped when its last view goes)."""
         for i, arena in enumerate(self.arenas):
             if len(arena) >= need:
                 return self.arenas.pop(i)
         if self.arenas:
             self.arenas.pop(0)  # too small: let it go rather than keep one more
-        return bytearray(max(need, ARENA_BYTES))
+        return mmap.mmap(-1, max(need, ARENA_BYTES), flags=mmap.MAP_PRIVATE)
 
     def _open_into(
-        self, group: list[_Downloaded], arena: bytearray
+        self, group: list[_Downloaded], arena: mmap.mmap
     ) -> list[tuple[bytes, bytes | memoryview | ClawbackError]]:
         """Thread: open content blobs into `arena`, each at its own offset; a blob maps to a
         view of its plaintext or the error that stopped it (design.md §Blob envelope)."""
         out: list[tuple[bytes, bytes | memoryview | ClawbackError]] = []
         view = memoryview(arena)
-        sizes, lookup, blob_id = self.sizes, self._lookup, self.hasher.blob_id
+        uses, lookup, blob_id = self.uses, self._lookup, self.hasher.blob_id
         off = 0
         for bid, _, env, err in group:
             if err or env is None:
                 out.append((bid, IntegrityError(f"blob {bid.hex()[:16]}: {err or 'no data'}")))
                 continue
-            size = sizes.get(bid)
+            v = uses.get(bid)
             try:
-                if size is None:  # not asked for: opened the ordinary way (and then ignored)
+                if v is None:  # not asked for (or written already): opened the ordinary way
                     out.append((bid, self._open_blob(bid, DATA, env)))
                     continue
+                size = _use_size(v)
                 n = open_into(lookup, bid, DATA, env, view[off : off + size])
                 plain = view[off : off + n]
                 if blob_id(plain) != bid:
@@ -480,16 +550,18 @@ class _Restore:
         root = decode_tree([got], root=True).nodes[0]
         self.dirs.append(((), root))
         level: list[tuple[Rel, repo_pb2.Node]] = [((), root)]
-        found: set[Rel] = set()
+        found: set[Rel] = set()  # selected paths seen (with a path filter only)
+        selected = bool(self.selected)
         while level:
             # A whole level in one request: one round trip per level of the tree.
             ids = list(dict.fromkeys(i for _, n in level for i in n.subtree))
             blobs = await self.fetch(ids, TREE)
             nxt: list[tuple[Rel, repo_pb2.Node]] = []
             for rel, node in level:
-                kids: list[repo_pb2.Node] = []
+                kids: list[_File | repo_pb2.Node] = []
                 self.entries[rel] = kids
                 parts = [blobs[i] for i in node.subtree]
+                del node.subtree[:]  # not needed any more (the node stays for stage 5)
                 bad = next((b for b in parts if isinstance(b, ClawbackError)), None)
                 if bad is not None:
                     self.error(f"{_show(rel)}: directory contents not restored: {bad}")
@@ -499,20 +571,30 @@ class _Restore:
                 except IntegrityError as exc:
                     self.error(f"{_show(rel)}: directory contents not restored: {exc}")
                     continue
+                # Only compact records and node copies are kept: the decoded tree is freed
+                # when the next directory's replaces it.
                 for child in children:
-                    crel = (*rel, child.name)
-                    take, _ = self._wanted(crel)
-                    if not take:
+                    kind = child.type
+                    if selected:
+                        crel = (*rel, child.name)
+                        if not self._wanted(crel)[0]:
+                            continue
+                        found.add(crel)
+                    if kind == FILE:
+                        kids.append(_File(rel, child))
+                        self.p.files_total += 1
+                        self.p.bytes_total += child.size
                         continue
-                    found.add(crel)
-                    if child.type == DIR:
-                        self.dirs.append((crel, child))
-                        nxt.append((crel, child))
+                    copy = repo_pb2.Node()
+                    copy.CopyFrom(child)
+                    if kind == DIR:
+                        crel = (*rel, child.name)
+                        self.dirs.append((crel, copy))
+                        nxt.append((crel, copy))
                     else:
-                        kids.append(child)
-                        if child.type == FILE:
-                            self.p.files_total += 1
-                            self.p.bytes_total += child.size
+                        kids.append(copy)
+                del children
+            del blobs
             level = nxt
         for sel in self.selected:
             if sel and sel not in found:
@@ -538,10 +620,11 @@ class _Restore:
             os.unlink(name, dir_fd=dfd)
         return True
 
-    def make_structure(self, fds: _DirFds) -> tuple[list[_File], list[tuple[Rel, repo_pb2.Node]]]:
-        """Thread: create directories and non-file entries; returns the files to fill and the hard links to make."""
+    def make_structure(self, fds: _DirFds) -> tuple[list[_File], list[tuple[Rel, tuple[int, int]]]]:
+        """Thread: create directories and non-file entries; returns the files to fill and the
+        hard links to make (each with the (device, inode) of its first link)."""
         files: list[_File] = []
-        links: list[tuple[Rel, repo_pb2.Node]] = []
+        links: list[tuple[Rel, tuple[int, int]]] = []
         primaries: set[tuple[int, int]] = set()
         # Directories this restore created are empty: their entries need no check for an
         # existing entry (one that appears meanwhile still fails its exclusive create).
@@ -581,27 +664,28 @@ class _Restore:
                 continue
             empty = rel in fresh
             try:
-                for node in self.entries.get(rel, ()):
-                    crel = (*rel, node.name)
-                    if node.type == FILE:
-                        if node.nlink > 1:
-                            key = (node.device, node.inode)
-                            if key in primaries:
-                                links.append((crel, node))
+                for e in self.entries.pop(rel, ()):
+                    if e.__class__ is _File:
+                        f = e
+                        if f.link is not None:
+                            if f.link in primaries:
+                                links.append(((*rel, f.name), f.link))
                                 continue
-                            primaries.add(key)
+                            primaries.add(f.link)
                         if not empty:
                             try:
-                                if not self._clear(dfd, node.name, crel, want_dir=False):
+                                if not self._clear(dfd, f.name, f.rel, want_dir=False):
                                     continue
                             except OSError as exc:
-                                self.error(f"{_show(crel)}: {exc.strerror}")
+                                self.error(f"{_show(f.rel)}: {exc.strerror}")
                                 continue
-                        files.append(_File(crel, node, empty))
+                        f.fresh = empty
+                        files.append(f)
                     else:
-                        self._make_special(dfd, crel, node, empty)
+                        self._make_special(dfd, (*rel, e.name), e, empty)  # type: ignore[arg-type]
             finally:
                 fds.release(rel)
+        self.entries.clear()  # what is left: directories that failed
         return files, links
 
     def _make_special(self, dfd: int, rel: Rel, node: repo_pb2.Node, empty: bool) -> None:
@@ -651,54 +735,79 @@ class _Restore:
 
     def _order(self) -> list[bytes]:
         """Thread: every unique content blob of the files in the trees, in the order stage 2
-        lists the files (the order the download asks for them), and the size the tree gives
-        each one (in `self.sizes`). Files stage 2 then leaves out (a directory that could not
+        lists the files (the order the download asks for them), entered in `self.uses` with
+        the size the tree gives it. Files stage 2 then leaves out (a directory that could not
         be created, an entry in the way) are included: their blobs come back unused."""
-        order: list[bytes] = []
-        sizes = self.sizes
-        failed = self.failed_dirs
+        uses = self.uses
         for rel, _ in self.dirs:
-            if rel in failed:
-                continue
-            for node in self.entries.get(rel, ()):
-                if node.type != FILE:
+            for e in self.entries.get(rel, ()):
+                if e.__class__ is not _File:
                     continue
-                for cid, size in zip(node.content, node.content_sizes, strict=True):
-                    if cid not in sizes:
-                        sizes[cid] = size
-                        order.append(cid)
-        return order
+                ids, sizes = e.ids, e.sizes
+                if sizes is None:  # one chunk (or none)
+                    if ids and ids not in uses:
+                        uses[ids] = e.size
+                    continue
+                for i, size in enumerate(sizes):
+                    cid = ids[i * ID_SIZE : (i + 1) * ID_SIZE]  # type: ignore[index]
+                    if cid not in uses:
+                        uses[cid] = size
+        return list(uses)
 
-    def _plan(self, files: list[_File]) -> dict[bytes, list[_Use]]:
-        """Writer, after stage 2: where each blob goes (the blobs and their sizes are those
-        `_order` listed: decode_tree checks that every blob has a size)."""
-        uses: dict[bytes, list[_Use]] = {}
-        sizes = self.sizes
+    def _plan(self, files: list[_File]) -> None:
+        """Writer, after stage 2: where each blob goes, in `self.uses` (the blobs are those
+        `_order` listed: decode_tree checks that every blob has a size). Each file's chunk
+        list is dropped once planned."""
+        uses = self.uses
         for f in files:
-            node = f.node
+            ids, sizes = f.ids, f.sizes
+            f.ids = f.sizes = None
+            if not ids:
+                f.remaining = 0
+                f.truncate = f.sparse or f.size != 0
+                continue
+            if sizes is None:  # one chunk: the whole file
+                f.remaining = 1
+                f.truncate = f.sparse
+                v = uses.get(ids)
+                if v is None or v.__class__ is int:
+                    uses[ids] = f  # its only use (the usual case): nothing else to hold
+                else:
+                    self._add_use(ids, v, (f, 0, 0, f.size))
+                continue
             off = 0
-            for i, (cid, size) in enumerate(zip(node.content, node.content_sizes, strict=True)):
-                u = uses.get(cid)
-                if u is None:
-                    uses[cid] = u = []
-                    sizes.setdefault(cid, size)
-                u.append((f, i, off, size))
+            for i, size in enumerate(sizes):
+                cid = ids[i * ID_SIZE : (i + 1) * ID_SIZE]
+                v = uses.get(cid)
+                use = (f, i, off, size)
+                if v is None or v.__class__ is int:
+                    uses[cid] = use
+                else:
+                    self._add_use(cid, v, use)
                 off += size
-            f.remaining = len(node.content)
+            f.remaining = len(sizes)
             # Trailing holes, or sizes that do not add up: ftruncate sets the recorded size.
-            f.truncate = node.sparse or off != node.size
-        return uses
+            f.truncate = f.sparse or off != f.size
 
-    def _prepare(self, fds: _DirFds) -> tuple[list[_File], list[tuple[Rel, repo_pb2.Node]]]:
+    def _add_use(self, cid: bytes, v: _Uses, use: _Use) -> None:
+        if v.__class__ is list:
+            v.append(use)
+        elif v.__class__ is _File:
+            self.uses[cid] = [(v, 0, 0, v.size), use]
+        else:
+            self.uses[cid] = [v, use]  # type: ignore[list-item]
+
+    def _prepare(self, fds: _DirFds) -> list[tuple[Rel, tuple[int, int]]]:
         """Writer: stage 2, the plan of stage 3, and the files without content. Queued ahead
         of every write of stage 3, so writes always find the plan (the writer runs its work
-        in order)."""
+        in order). Returns the hard links to make. The files are not kept: the plan holds
+        each until its last blob is written."""
         files, links = self.make_structure(fds)
-        self.uses = self._plan(files)
+        self._plan(files)
         for f in files:
             if f.remaining == 0:  # no content: finished now
                 self._done(f, self._finish_file(f))
-        return files, links
+        return links
 
     def _create(self, f: _File) -> int | None:
         """Writer: create the file in its directory; None (and f.failed) on error.
@@ -709,26 +818,26 @@ class _Restore:
         over the old entry when complete, so the old entry stays intact until then."""
         if f.dfd < 0:
             try:
-                f.dfd = self.fds.acquire(f.rel[:-1])
+                f.dfd = self.fds.acquire(f.dir)
             except OSError as exc:
                 f.failed = f"cannot open its directory: {exc.strerror}"
                 return None
         mode = 0o600
         if f.fresh and self.fast_meta:
-            node = f.node
-            perms, umask = node.mode, self.umask if self.umask is not None else 0o777
+            perms, uid, gid, _, _ = _META.unpack(f.meta)
+            umask = self.umask if self.umask is not None else 0o777
             # Only plain permission bits the umask keeps, and writable by its owner (a parked
             # file is reopened for writing); setuid/setgid/sticky go through fchmod after fchown.
             if not perms & ~0o777 and not perms & umask and (perms & 0o200 or self.is_root):
                 mode = perms
                 f.mode_set = True
-            f.owner_set = node.uid == self.euid and node.gid == self.egid
+            f.owner_set = uid == self.euid and gid == self.egid
         for _ in range(8):
             if self.overwrite:
                 self.tmp_seq += 1
                 name = b".clawback-restore-%s-%d" % (self.tmp_prefix, self.tmp_seq)
             else:
-                name = f.rel[-1]
+                name = f.name
             try:
                 fd = os.open(name, _CREATE_FLAGS, mode, dir_fd=f.dfd)
             except FileExistsError:
@@ -753,7 +862,7 @@ class _Restore:
             fd = self._create(f)
         else:
             try:
-                f.dfd = self.fds.acquire(f.rel[:-1])
+                f.dfd = self.fds.acquire(f.dir)
                 fd = f.fd = os.open(f.tmp, _REOPEN_FLAGS, dir_fd=f.dfd)
             except OSError as exc:
                 f.failed = f"cannot reopen: {exc.strerror}"
@@ -773,17 +882,24 @@ class _Restore:
             f.fd = None
         if f.dfd >= 0:
             f.dfd = -1
-            self.fds.release(f.rel[:-1])
+            self.fds.release(f.dir)
 
     def _write_blobs(self, blobs: list[tuple[bytes, bytes | memoryview | ClawbackError]]) -> None:
         """Writer: put each opened blob everywhere the plan says, finishing files as they complete.
         A blob that failed fails every file that needs it."""
         uses = self.uses
         done = 0
+        targets: Sequence[_Use]
         for cid, data in blobs:
-            targets = uses.pop(cid, None)
-            if targets is None:
-                continue  # not asked for, or already written
+            v = uses.pop(cid, None)
+            if v is None or v.__class__ is int:
+                continue  # not asked for, needed by no file stage 2 kept, or already written
+            if v.__class__ is _File:
+                targets = ((v, 0, 0, v.size),)
+            elif v.__class__ is tuple:
+                targets = (v,)
+            else:
+                targets = v  # type: ignore[assignment]
             zero: bool | None = None
             buf: bytes | memoryview
             if isinstance(data, ClawbackError):
@@ -798,7 +914,7 @@ class _Restore:
                     elif n != size:
                         f.failed = f"chunk {i} has {n} bytes where the tree says {size}"
                     elif size:
-                        if f.node.sparse:
+                        if f.sparse:
                             if zero is None:
                                 zero = buf[0] == 0 and buf == bytes(size)
                             hole = zero
@@ -823,42 +939,40 @@ class _Restore:
     def _finish_file(self, f: _File) -> bool:
         """Writer: size, owner, mode, xattrs, times, then move into place. False if the file failed."""
         self.open_files.pop(f, None)
-        node = f.node
         if not f.failed and f.fd is None:
             self._fd(f)  # a file that was all holes (or empty) has not been created yet
-        fd, dfd, name = f.fd, f.dfd, f.rel[-1]
+        fd, dfd, name = f.fd, f.dfd, f.name
         if fd is None:  # failed before it was created, or while it was parked
             if f.tmp:
                 with contextlib.suppress(OSError):
                     if dfd < 0:
-                        dfd = f.dfd = self.fds.acquire(f.rel[:-1])
+                        dfd = f.dfd = self.fds.acquire(f.dir)
                     os.unlink(f.tmp, dir_fd=dfd)
             return False
         f.fd = None
         try:
             if f.failed:
                 return False
+            mode, uid, gid, atime_ns, mtime_ns = _META.unpack(f.meta)
             try:
                 if f.truncate:
-                    os.ftruncate(fd, node.size)
+                    os.ftruncate(fd, f.size)
                 if self.is_root and not f.owner_set:
-                    os.fchown(fd, node.uid, node.gid)
+                    os.fchown(fd, uid, gid)
                 if not f.mode_set:
-                    os.fchmod(fd, node.mode)  # after chown, which clears setuid/setgid
+                    os.fchmod(fd, mode)  # after chown, which clears setuid/setgid
             except OSError as exc:
                 f.failed = f"cannot set size/owner/mode: {exc.strerror}"
                 return False
-            for x in node.xattrs:
+            for xname, xvalue in f.xattrs or ():
                 try:
-                    os.setxattr(fd, x.name, x.value)
+                    os.setxattr(fd, xname, xvalue)
                 except OSError as exc:
-                    f.errors.append(
-                        f"{_show(f.rel)}: xattr {x.name!r} not restored: {exc.strerror}"
-                    )
+                    f.note(f"{_show(f.rel)}: xattr {xname!r} not restored: {exc.strerror}")
             try:
-                os.utime(fd, ns=(node.atime_ns, node.mtime_ns))
+                os.utime(fd, ns=(atime_ns, mtime_ns))
             except OSError as exc:
-                f.errors.append(f"{_show(f.rel)}: cannot set times: {exc.strerror}")
+                f.note(f"{_show(f.rel)}: cannot set times: {exc.strerror}")
         finally:
             os.close(fd)
             if f.failed:
@@ -883,26 +997,36 @@ class _Restore:
         """Writer: account for a finished (or failed) file and let go of its directory fd."""
         if f.dfd >= 0:
             f.dfd = -1
-            self.fds.release(f.rel[:-1])
-        for e in f.errors:
+            self.fds.release(f.dir)
+        for e in f.errors or ():
             self.error(e)
         self.p.files_done += 1
         if ok:
             self.result.files += 1
-            self.result.bytes += f.node.size
-            if f.node.nlink > 1:
-                self.restored[(f.node.device, f.node.inode)] = f.rel
+            self.result.bytes += f.size
+            if f.link is not None:
+                self.restored[f.link] = f.rel
         else:
             self.error(f"{_show(f.rel)}: not restored: {f.failed}")
 
     def _finish_rest(self) -> None:
         """Writer: fail the files whose blobs never came back."""
-        for cid in list(self.uses):
-            missing = IntegrityError(f"blob {cid.hex()[:16]}: not returned by the coordinator")
-            self._write_blobs([(cid, missing)])
+        for cid, v in list(self.uses.items()):
+            if v.__class__ is not int:
+                missing = IntegrityError(f"blob {cid.hex()[:16]}: not returned by the coordinator")
+                self._write_blobs([(cid, missing)])
 
-    def _abandon(self, files: list[_File]) -> None:
-        """Writer, after a failure that stops the restore: close and remove every partial file."""
+    def _abandon(self) -> None:
+        """Writer, after a failure that stops the restore: close and remove every partial file
+        (each still has a blob to write, so the plan holds it)."""
+        files: dict[_File, None] = {}
+        for v in self.uses.values():
+            if v.__class__ is _File:
+                files[v] = None
+            elif v.__class__ is tuple:
+                files[v[0]] = None
+            elif v.__class__ is list:
+                files.update((u[0], None) for u in v)
         for f in files:
             if f.fd is not None:
                 with contextlib.suppress(OSError):
@@ -910,17 +1034,15 @@ class _Restore:
                 f.fd = None
             if f.tmp and f.remaining > 0:
                 try:
-                    dfd = self.fds.acquire(f.rel[:-1])
+                    dfd = self.fds.acquire(f.dir)
                 except OSError:
                     continue
                 with contextlib.suppress(OSError):
                     os.unlink(f.tmp, dir_fd=dfd)
-                self.fds.release(f.rel[:-1])
+                self.fds.release(f.dir)
         self.open_files.clear()
 
-    async def restore_content(
-        self, order: list[bytes], prepared: asyncio.Future[tuple[list[_File], Any]]
-    ) -> None:
+    async def restore_content(self, order: list[bytes], prepared: asyncio.Future[Any]) -> None:
         """Download every blob of `order` once, in the order the coordinator returns them (pack
         order), and write it wherever the plan needs it: opening (decrypt, decompress, id
         check) runs in the worker threads, all file-system work in the writer thread, where
@@ -970,10 +1092,7 @@ class _Restore:
         except BaseException:
             reader.cancel()
             await asyncio.gather(reader, prepared, *pending, return_exceptions=True)
-            files: list[_File] = []
-            if prepared.done() and not prepared.cancelled() and prepared.exception() is None:
-                files = prepared.result()[0]
-            await loop.run_in_executor(self.writer, self._abandon, files)
+            await loop.run_in_executor(self.writer, self._abandon)
             raise
 
     # -- stage 4: hard links, stage 5: directory metadata -----------------------------------------
@@ -981,12 +1100,12 @@ class _Restore:
     def make_links(
         self,
         fds: _DirFds,
-        links: list[tuple[Rel, repo_pb2.Node]],
+        links: list[tuple[Rel, tuple[int, int]]],
         restored: dict[tuple[int, int], Rel],
     ) -> None:
         """Thread: link each later hard link to the first restored path of its inode."""
-        for rel, node in links:
-            first = restored.get((node.device, node.inode))
+        for rel, inode in links:
+            first = restored.get(inode)
             if first is None:
                 self.error(f"{_show(rel)}: hard link not restored: its first link failed")
                 continue
@@ -1065,7 +1184,7 @@ class _Restore:
             try:
                 prepared = loop.run_in_executor(self.writer, self._prepare, fds)
                 await self.restore_content(order, prepared)
-                links = prepared.result()[1]
+                links = prepared.result()
                 self.result.dirs = len(self.dirs) - len(self.failed_dirs)
                 await loop.run_in_executor(self.writer, self.make_links, fds, links, self.restored)
                 await loop.run_in_executor(self.writer, self.dir_metadata, fds)

@@ -15,6 +15,7 @@ from agent.backup import BackupResult, run_backup
 from agent.repo import Blob
 from agent.restore import RestoreResult, run_restore
 from bench.verify import compare_trees
+from core.clock import ManualClock
 from core.errors import TransportError
 from protos.clawback.v1 import common_pb2
 from tests.agent.conftest import Env, StoreRepo
@@ -159,8 +160,8 @@ async def test_a_broken_stream_leaves_no_partial_file(env: Env, workdir: Path) -
 
 def test_groups_bound_the_plaintext_in_flight() -> None:
     r = restore_mod._Restore.__new__(restore_mod._Restore)
-    r.sizes = {bytes([i]) * 32: s for i, s in enumerate([5, 5, 5, 20, 1, 1])}
-    batch = [(bid, 1, memoryview(b"x"), "") for bid in r.sizes]
+    r.uses = {bytes([i]) * 32: s for i, s in enumerate([5, 5, 5, 20, 1, 1])}
+    batch = [(bid, 1, memoryview(b"x"), "") for bid in r.uses]
     old = restore_mod.ARENA_BYTES
     try:
         restore_mod.ARENA_BYTES = 10
@@ -218,3 +219,47 @@ async def test_owner_inside_a_setgid_directory(env: Env, workdir: Path) -> None:
         got, want = os.stat(parent / "dst" / "d" / f"f{i}"), os.stat(src / "d" / f"f{i}")
         assert (got.st_uid, got.st_gid, got.st_mode) == (want.st_uid, want.st_gid, want.st_mode)
     assert (parent / "dst" / "d" / "f2").read_bytes() == b"xxx"
+
+
+async def test_the_plan_shares_blobs_and_skips_files_left_out(env: Env, workdir: Path) -> None:
+    """One dict holds the plan (docs/performance.md §Agent memory): a blob that is a whole
+    small file, a chunk of several large files, or a chunk repeated inside one file is asked
+    for once and written everywhere; the blobs of files stage 2 leaves out (an entry in the
+    way) come back unused, and the decoded trees are not kept."""
+    src = workdir / "src"
+    src.mkdir()
+    small, big = b"same small file\n" * 10, os.urandom(3 * 1024 * 1024)
+    for name in ("s1", "s2", "s3"):
+        (src / name).write_bytes(small)
+    (src / "alone").write_bytes(b"only here")
+    (src / "b1").write_bytes(big)
+    (src / "b2").write_bytes(big)
+    (src / "twice").write_bytes(big + big)
+    r = await backup(env, src)
+    dst = workdir / "dst"
+    dst.mkdir()
+    (dst / "s1").write_bytes(b"in the way")
+    (dst / "alone").write_bytes(b"in the way too")
+    rs = restore_mod._Restore(
+        BatchRepo(env.repo, batch_bytes=50_000),
+        env.keys,
+        r.info,
+        dst,
+        job_id="r",
+        paths=[],
+        overwrite=False,
+        on_progress=None,
+        workers=2,
+        clock=ManualClock(),
+    )
+    res = await rs.run()
+    assert sorted(e.split(":")[0] for e in res.errors) == ["alone", "s1"]
+    assert all("already exists" in e for e in res.errors)
+    for name in ("s2", "s3", "b1", "b2", "twice"):
+        assert (dst / name).read_bytes() == (src / name).read_bytes(), name
+    assert (dst / "s1").read_bytes() == b"in the way"
+    # Each blob was asked for once (also "alone"'s, which came back unused); nothing is left
+    # of the plan, and of the trees only the directories' own nodes.
+    assert len(env.repo.downloaded) == len(set(env.repo.downloaded))
+    assert rs.uses == {} and rs.entries == {}
+    assert [(rel, list(node.subtree)) for rel, node in rs.dirs] == [((), [])]
