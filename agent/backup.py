@@ -80,6 +80,8 @@ PROGRESS_TICK = 0.25  # seconds between the event loop's looks at stage 2's coun
 _PARTS_IN_FLIGHT = (BIG_FILE_INFLIGHT - 1) * (READ_BUDGET // SEAL_PART)
 HITS_BATCH = 2048  # files-cache hits whose ids are confirmed together
 SMALL_GROUP_FILES = 256  # small files handled per thread call
+# Large files the files cache knows that are looked at before the walk (_start_known_large).
+EARLY_LARGE_FILES = 64
 UPLOAD_BATCH = (
     2 * 1024 * 1024
 )  # envelope bytes per UploadStream.send (1-4 MiB: as fast, less memory)
@@ -118,6 +120,7 @@ class _Entry:
     __slots__ = (
         "body",
         "cached",
+        "early",
         "ids",
         "no_xattrs",
         "node",
@@ -133,6 +136,7 @@ class _Entry:
         self.rel = rel  # relative to the root: the files cache key
         self.size = size  # a file's size as the walk saw it
         self.body = b""
+        self.early = False  # sent to stage 2 before the walk met it (_start_known_large)
         self.ids: Sequence[bytes] = ()  # a list while the file is read, then a tuple
         self.sizes: Sequence[int] = ()
         self.ok = True
@@ -417,6 +421,8 @@ class _Backup:
         self._group: list[_Entry] = []
         self._group_size = 0
         self._hits: list[_Entry] = []
+        self._early: dict[bytes, _Entry] = {}  # large files read before the walk met them
+        self._early_failed: dict[bytes, str] = {}  # their failures, until the walk meets them
         self._warn_lock = threading.Lock()
         self._lock = threading.Lock()  # the counters and `claimed`, shared by stage 2's threads
         self.work = _WorkList()
@@ -483,6 +489,7 @@ class _Backup:
         finally:
             if enabled:
                 gc.enable()
+            self._early = {}  # not met by the walk: read for nothing, left out
 
     def _route(self, f: _Entry, hit: CacheHit | None) -> None:
         """Walk thread: send one regular file (not a second hard link) on to stage 2."""
@@ -511,6 +518,53 @@ class _Backup:
             self._emit(("hits", self._hits))
             self._hits = []
 
+    def _start_known_large(self) -> None:
+        """Walk thread, before the walk: the large files the files cache knows that have
+        changed are sent to stage 2 now, not when the walk reaches them. In a re-backup a
+        changed large file (a database) is the longest unit, and the walk took ~0.5 s of a 2 s
+        run to reach it. The walk attaches each to its directory when it lists it; one it does
+        not meet (gone since) is read for nothing and left out of the snapshot."""
+        for rel in self.cache.largest(READ_BUDGET, EARLY_LARGE_FILES):
+            est = self._lstat_below(rel)
+            if (
+                est is None
+                or not stat.S_ISREG(est.st_mode)
+                or est.st_nlink != 1
+                or est.st_size < READ_BUDGET
+                or self.cache.unchanged(
+                    rel, est.st_size, est.st_mtime_ns, est.st_ctime_ns, est.st_ino, est.st_dev
+                )
+            ):
+                continue  # the walk handles it as usual
+            n = node_from_stat(rel.rpartition(b"/")[2], est, self.owners)
+            # No file has this ctime: the xattrs are listed from the opened file (_open_file).
+            n.ctime_ns = -1
+            ent = _Entry(n, rel, est.st_size)
+            ent.early = True
+            self._early[rel] = ent
+            self._emit(("read", [ent]))
+
+    def _lstat_below(self, rel: bytes) -> os.stat_result | None:
+        """lstat of `rel` under the root through its directories, none of them a symlink
+        (as the walk would find it); None if it cannot be reached so."""
+        *dirs, name = rel.split(b"/")
+        try:
+            fd = self._open_dir(self.root)
+        except OSError:
+            return None
+        try:
+            for comp in dirs:
+                nfd = os.open(
+                    comp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd
+                )
+                os.close(fd)
+                fd = nfd
+            return os.stat(name, dir_fd=fd, follow_symlinks=False)
+        except (OSError, ValueError):
+            return None
+        finally:
+            os.close(fd)
+
     def _walk(self) -> _Dir:
         st = self.check_root()
         node = node_from_stat(ROOT_NAME, st, self.owners)
@@ -522,6 +576,8 @@ class _Backup:
         cache_hit = self.cache.hit
         nodes_ok = self._cached_names_hold()
         is_file = stat.S_ISREG
+        self._start_known_large()
+        early = self._early
         while stack:
             d = stack.pop()
             self.dirs.append(d)
@@ -541,6 +597,19 @@ class _Backup:
                         self.warn(f"{_show(dpath + b'/' + name)}: {exc.strerror}")
                         continue
                     rel = d.rel + b"/" + name if d.rel else name
+                    if early and is_file(est.st_mode):
+                        ent = early.pop(rel, None)
+                        if ent is not None:  # being read already (_start_known_large)
+                            with self._lock:
+                                ent.early = False
+                                failed = self._early_failed.pop(rel, None)
+                            if failed is not None:
+                                self.warn(failed)
+                            d.children.append(ent)
+                            p.files_total += 1
+                            files.append(ent)
+                            p.bytes_total += ent.size
+                            continue
                     hit = (
                         cache_hit(
                             rel,
@@ -696,6 +765,10 @@ class _Backup:
     def _fail(self, t: _Tally, f: _Entry, msg: str) -> None:
         f.ok = False
         self.cache.forget(f.rel)
+        with self._lock:
+            if f.early:  # reported only if the walk meets it: it may have gone since
+                self._early_failed[f.rel] = msg
+                return
         t.failed.append(msg)
 
     def _read_fd(

@@ -258,6 +258,24 @@ class FilesCache:
             # again next time, which is all a missing entry costs.
             self._new.pop(key, None)
 
+    def unchanged(
+        self, key: bytes, size: int, mtime_ns: int, ctime_ns: int, inode: int, device: int
+    ) -> bool:
+        """Whether the entry has this stat tuple (nothing is carried into the new cache)."""
+        value = self._old.get(key)
+        try:
+            return value is not None and value.startswith(
+                _HEAD.pack(size, mtime_ns, ctime_ns, inode, device)
+            )
+        except struct.error:
+            return False
+
+    def largest(self, min_size: int, limit: int) -> list[bytes]:
+        """The keys of up to `limit` entries of at least `min_size` bytes, largest first."""
+        sizes = [(int.from_bytes(v[:8], "little"), k) for k, v in self._old.items()]
+        big = sorted(((n, k) for n, k in sizes if n >= min_size), reverse=True)
+        return [k for _, k in big[:limit]]
+
     def keep_node(
         self,
         key: bytes,

@@ -710,3 +710,62 @@ def test_random_trees_round_trip(t: dict[bytes, object]) -> None:
             assert_same_tree(Path(os.fsdecode(src)), Path(tmp) / "dst", times=False)
         finally:
             close_env(e)
+
+
+async def test_changed_large_files_are_read_before_the_walk_reaches_them(
+    env: Env, workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large file the files cache knows, changed since, starts reading before the walk; the
+    walk puts it in its directory. One gone before the walk meets it stays out of the
+    snapshot, and one behind a directory replaced by a symlink is not read at all."""
+    from agent import backup as backup_mod
+
+    src = workdir / "src"
+    (src / "a" / "b").mkdir(parents=True)
+    (src / "c").mkdir()
+    rnd = random.Random(3)
+    for i in range(20):
+        (src / "a" / f"small{i}").write_bytes(b"%d" % i)
+    (src / "a" / "b" / "db.bin").write_bytes(rnd.randbytes(6 * 1024 * 1024))
+    (src / "c" / "moved.bin").write_bytes(rnd.randbytes(5 * 1024 * 1024))
+    (src / "c" / "linked.bin").write_bytes(rnd.randbytes(5 * 1024 * 1024))
+    await backup(env, src)
+
+    early: list[list[bytes]] = []
+    real = backup_mod._Backup._start_known_large
+
+    def spy(self: backup_mod._Backup) -> None:
+        real(self)
+        early.append(sorted(self._early))
+        # Between the early look and the walk, a file moves elsewhere.
+        if (src / "c" / "moved.bin").exists():
+            os.rename(src / "c" / "moved.bin", src / "a" / "renamed.bin")
+
+    monkeypatch.setattr(backup_mod._Backup, "_start_known_large", spy)
+    with open(src / "a" / "b" / "db.bin", "r+b") as fh:
+        fh.seek(3 * 1024 * 1024)
+        fh.write(b"changed page")
+    with open(src / "c" / "moved.bin", "ab") as fh:
+        fh.write(b"appended")
+    r2 = await backup(env, src)
+    assert early == [[b"a/b/db.bin", b"c/moved.bin"]]
+    assert r2.warnings == [] and not r2.partial
+    dst = workdir / "dst"
+    assert (await restore(env, r2.info, dst)).errors == []
+    assert_same_tree(src, dst)
+
+    # A directory replaced by a symlink to a copy outside the source: the changed file
+    # behind it is not looked at early, and not read.
+    outside = workdir / "outside"
+    (src / "c").rename(outside)
+    with open(outside / "linked.bin", "ab") as fh:
+        fh.write(b"changed outside")
+    (src / "c").symlink_to(outside)
+    early.clear()
+    r3 = await backup(env, src)
+    assert early == [[]]
+    assert r3.files_read == 0
+    dst3 = workdir / "dst3"
+    assert (await restore(env, r3.info, dst3)).errors == []
+    assert os.readlink(dst3 / "c") == str(outside)
+    assert_same_tree(src, dst3)
