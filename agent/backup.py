@@ -82,9 +82,9 @@ HITS_BATCH = 2048  # files-cache hits whose ids are confirmed together
 SMALL_GROUP_FILES = 256  # small files handled per thread call
 # Large files the files cache knows that are looked at before the walk (_start_known_large).
 EARLY_LARGE_FILES = 64
-UPLOAD_BATCH = (
-    2 * 1024 * 1024
-)  # envelope bytes per UploadStream.send (1-4 MiB: as fast, less memory)
+# Envelope bytes per upload message. 1 MiB instead of 2: as fast, and the agent's peak in a full
+# 2G backup 197-201 -> 188 MiB (fewer multi-megabyte buffers fragmenting the heap).
+UPLOAD_BATCH = 1024 * 1024
 MAX_WARNINGS = 1000
 
 log = logging.getLogger("clawback.agent.backup")
