@@ -1,11 +1,12 @@
 """Pack files: many envelopes followed by their own index (design.md §Packs).
 
     pack     = envelope* header trailer
-    header   = "CBPH" version:u8(=1) reserved:u8[3] count:u32 entry*count
+    header   = "CBPH" version:u8(=2; 1 is read) reserved:u8[3] count:u32 entry*count
     entry    = id:32 type:u8 reserved:u8[3] offset:u64 length:u32 checksum:16   ; 64 bytes
     checksum = BLAKE3(envelope)[:16]
     trailer  = header_length:u32 header_hash:32 "CBPKv1\\0\\0"                    ; 44 bytes
-    pack name = hex(BLAKE3(entire pack file)), stored at data/<2 hex>/<64 hex>
+    pack name = hex(header_hash) for version 2, hex(BLAKE3(entire pack file)) for version 1;
+                stored at data/<2 hex>/<64 hex>
 
 The coordinator only ever handles ciphertext here: checksums are unkeyed.
 """
@@ -32,7 +33,12 @@ from core.errors import ClawbackError, IntegrityError, NotFound, ResourceExhaust
 
 HEADER_MAGIC = b"CBPH"
 TRAILER_MAGIC = b"CBPKv1\0\0"
-VERSION = 1
+# Version 2 packs are named by their header hash (which covers every envelope's checksum), so
+# a pack is hashed once as it is written, not twice; version 1 packs (named by the hash of the
+# whole file) stay readable.
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
+MISNAMED = "header does not match its name"  # a version 2 pack stored under another name
 HEADER_FIXED = struct.Struct("<4sB3sI")  # 12 bytes
 ENTRY = struct.Struct("<32sB3sQI16s")  # 64 bytes
 TRAILER = struct.Struct("<I32s8s")  # 44 bytes
@@ -85,6 +91,19 @@ class PackResult:
 
 
 @dataclass(frozen=True)
+class PackHeader:
+    """A parsed header: its version, its hash (from the trailer, checked) and its entries."""
+
+    version: int
+    header_hash: bytes
+    entries: list[PackEntry]
+
+    def names(self, pack_id: bytes) -> bool | None:
+        """Whether `pack_id` is this pack's name; None when only the whole file can tell (v1)."""
+        return self.header_hash == pack_id if self.version >= 2 else None
+
+
+@dataclass(frozen=True)
 class PackProblem:
     """One finding of `verify_pack`; `blob` is None for a pack-level problem."""
 
@@ -118,9 +137,10 @@ def pack_id_from_path(path: str) -> bytes | None:
         return None
 
 
-def encode_header(entries: Sequence[PackEntry]) -> bytes:
-    """The header and trailer that close a pack holding `entries`."""
-    parts = [HEADER_FIXED.pack(HEADER_MAGIC, VERSION, _ZERO3, len(entries))]
+def encode_header(entries: Sequence[PackEntry], version: int = VERSION) -> bytes:
+    """The header and trailer that close a pack holding `entries` (`version` 1: for tests of
+    old repositories)."""
+    parts = [HEADER_FIXED.pack(HEADER_MAGIC, version, _ZERO3, len(entries))]
     parts += [ENTRY.pack(e.id, e.type, _ZERO3, e.offset, e.length, e.checksum) for e in entries]
     header = b"".join(parts)
     return header + TRAILER.pack(len(header), blake3.blake3(header).digest(), TRAILER_MAGIC)
@@ -140,7 +160,6 @@ class PackWriter:
         fd, name = tempfile.mkstemp(prefix="pack-", suffix=".tmp", dir=backend.staging_dir())
         self._path = Path(name)
         self._file = os.fdopen(fd, "wb", buffering=0)
-        self._hash = blake3.blake3()
         self._entries: list[PackEntry] = []
         self._size = 0
         self._closed = False
@@ -200,7 +219,8 @@ class PackWriter:
             raise _translate_write(exc) from exc
         self._closed = True
         self._release()
-        pack_id = self._hash.digest()
+        # design.md §Packs: a version 2 pack is named by its header hash, the trailer's.
+        pack_id = tail[-TRAILER.size + 4 : -len(TRAILER_MAGIC)]
         try:
             self._backend.put_file(pack_path(pack_id), self._path)
         finally:
@@ -242,7 +262,6 @@ class PackWriter:
         except OSError as exc:
             self.abort()
             raise _translate_write(exc) from exc
-        self._hash.update(data)
 
     def _write_direct(self, n: int) -> None:
         """Write the first `n` (aligned) bytes of the buffer and keep the rest at its start."""
@@ -289,6 +308,11 @@ def parse_pack_header(
     trailer; the whole pack will do). With `pack_size`, also check that the
     entries exactly tile the envelope area before the header.
     Raises `IntegrityError` naming `name` on any mismatch."""
+    return parse_header(tail, pack_size, name).entries
+
+
+def parse_header(tail: bytes, pack_size: int | None = None, name: str = "pack") -> PackHeader:
+    """`parse_pack_header`, with the header's version and hash."""
     if len(tail) < TRAILER.size:
         raise IntegrityError(f"{name}: too short for a trailer ({len(tail)} bytes)")
     header_len, header_hash, magic = TRAILER.unpack_from(tail, len(tail) - TRAILER.size)
@@ -305,7 +329,7 @@ def parse_pack_header(
     hmagic, version, reserved, count = HEADER_FIXED.unpack_from(header, 0)
     if hmagic != HEADER_MAGIC:
         raise IntegrityError(f"{name}: bad header magic {hmagic!r}")
-    if version != VERSION:
+    if version not in READABLE_VERSIONS:
         raise IntegrityError(f"{name}: pack version {version} is not supported")
     if header_len != HEADER_FIXED.size + count * ENTRY.size:
         raise IntegrityError(f"{name}: header length {header_len} does not hold {count} entries")
@@ -326,11 +350,16 @@ def parse_pack_header(
         entries.append(PackEntry(blob_id, btype, offset, length, csum))
     if data_end is not None and expected != data_end:
         raise IntegrityError(f"{name}: envelopes end at {expected}, header starts at {data_end}")
-    return entries
+    return PackHeader(version, header_hash, entries)
 
 
 def read_header(backend: Backend, path: str, size: int | None = None) -> list[PackEntry]:
     """Read and parse a stored pack's header with ranged reads of its end only."""
+    return read_pack_header(backend, path, size).entries
+
+
+def read_pack_header(backend: Backend, path: str, size: int | None = None) -> PackHeader:
+    """`read_header`, with the header's version and hash."""
     name = f"pack {path.rsplit('/', 1)[-1]}"
     if size is None:
         size = backend.stat(path)
@@ -346,7 +375,7 @@ def read_header(backend: Backend, path: str, size: int | None = None) -> list[Pa
         tail = backend.get(path, size - need, need)
         if len(tail) != need:
             raise IntegrityError(f"{name}: short read")
-    return parse_pack_header(tail, size, name)
+    return parse_header(tail, size, name)
 
 
 def read_envelopes(
@@ -384,23 +413,29 @@ def read_envelopes(
 
 def verify_pack(backend: Backend, pack_id: bytes) -> Iterator[PackProblem]:
     """check --read-data for one pack (design.md §Check): the header parses, every
-    envelope matches its checksum, and the whole file hashes to the pack's name.
+    envelope matches its checksum, and the pack is named by its header hash (version 2) or
+    by the hash of the whole file (version 1).
     Yields one problem per damaged blob, plus pack-level problems."""
     path = pack_path(pack_id)
     try:
         size = backend.stat(path)
-        entries = read_header(backend, path, size)
+        header = read_pack_header(backend, path, size)
     except NotFound:
         yield PackProblem(pack_id, None, f"pack {pack_id.hex()}: missing from storage")
         return
     except IntegrityError as exc:
         yield PackProblem(pack_id, None, str(exc))
         return
-    hasher = blake3.blake3()
-    # The entries tile the envelope area (parse_pack_header checked), so hashing
-    # them in order and then the header+trailer hashes the entire file.
+    entries = header.entries
+    named = header.names(pack_id)
+    if named is False:
+        yield PackProblem(pack_id, None, f"pack {pack_id.hex()}: {MISNAMED}")
+    # Version 1: the entries tile the envelope area (parse_header checked), so hashing them in
+    # order and then the header+trailer hashes the entire file.
+    hasher = blake3.blake3() if named is None else None
     for entry, envelope in read_envelopes(backend, path, entries):
-        hasher.update(envelope)
+        if hasher is not None:
+            hasher.update(envelope)
         if len(envelope) != entry.length:
             yield PackProblem(
                 pack_id, entry.id, f"blob {entry.id.hex()} in pack {pack_id.hex()}: short read"
@@ -411,7 +446,10 @@ def verify_pack(backend: Backend, pack_id: bytes) -> Iterator[PackProblem]:
                 entry.id,
                 f"blob {entry.id.hex()} in pack {pack_id.hex()}: checksum mismatch",
             )
-    data_end = entries[-1].offset + entries[-1].length if entries else 0
-    hasher.update(backend.get(path, data_end, size - data_end))
-    if hasher.digest() != pack_id:
-        yield PackProblem(pack_id, None, f"pack {pack_id.hex()}: content does not match its name")
+    if hasher is not None:
+        data_end = entries[-1].offset + entries[-1].length if entries else 0
+        hasher.update(backend.get(path, data_end, size - data_end))
+        if hasher.digest() != pack_id:
+            yield PackProblem(
+                pack_id, None, f"pack {pack_id.hex()}: content does not match its name"
+            )

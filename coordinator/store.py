@@ -19,13 +19,14 @@ from types import TracebackType
 
 from coordinator.catalog import Catalog
 from coordinator.pack import (
+    MISNAMED,
     PackEntry,
     PackWriter,
     checksum,
     pack_id_from_path,
     pack_path,
     read_envelopes,
-    read_header,
+    read_pack_header,
 )
 from coordinator.snaprecord import decode_record, encode_record, record_path, sorted_refs
 from coordinator.storage import Backend
@@ -341,10 +342,14 @@ class BlobStore:
         """Index one pack the catalog lacks from its own header; 1 if indexed, else 0."""
         try:
             size = self.backend.stat(path)
-            entries = read_header(self.backend, path, size)
+            header = read_pack_header(self.backend, path, size)
         except IntegrityError as exc:
             problems.append(str(exc))
             return 0
+        if header.names(pack_id) is False:
+            problems.append(f"pack {pack_id.hex()}: {MISNAMED} (not indexed)")
+            return 0
+        entries = header.entries
         key_ids = {
             e.id: self.backend.get(path, e.offset + ENVELOPE_KEY_ID.start, KEY_ID_SIZE)
             for e in entries

@@ -1,4 +1,4 @@
-"""Pack format tests: round trip, properties, damage, and the v1 golden fixture (design.md §Packs)."""
+"""Pack format tests: round trip, properties, damage, and the v1 and v2 golden fixtures (design.md §Packs)."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from coordinator.storage import LocalBackend
 from core.errors import IntegrityError
 
 GOLDEN = Path(__file__).resolve().parents[1] / "fixtures" / "golden" / "pack-v1.bin"
+GOLDEN_V2 = GOLDEN.with_name("pack-v2.bin")
 GOLDEN_BLOBS = [
     (bytes([0x11]) * 32, 1, bytes(range(48))),
     (bytes([0x22]) * 32, 2, b"tree" * 25),
@@ -39,7 +40,7 @@ def write_pack(backend: LocalBackend, blobs: list[tuple[bytes, int, bytes]]) -> 
     return result.pack_id, backend.get(pack_path(result.pack_id))
 
 
-def spec_pack(blobs: list[tuple[bytes, int, bytes]]) -> bytes:
+def spec_pack(blobs: list[tuple[bytes, int, bytes]], version: int = 2) -> bytes:
     """The pack built straight from the grammar in design.md §Packs, independently of the writer."""
     body, entries, offset = b"", b"", 0
     for blob_id, btype, env in blobs:
@@ -47,7 +48,7 @@ def spec_pack(blobs: list[tuple[bytes, int, bytes]]) -> bytes:
         entries += struct.pack("<QI", offset, len(env)) + blake3.blake3(env).digest()[:16]
         body += env
         offset += len(env)
-    header = b"CBPH" + b"\x01\0\0\0" + struct.pack("<I", len(blobs)) + entries
+    header = b"CBPH" + bytes([version, 0, 0, 0]) + struct.pack("<I", len(blobs)) + entries
     trailer = struct.pack("<I", len(header)) + blake3.blake3(header).digest() + b"CBPKv1\0\0"
     return body + header + trailer
 
@@ -56,7 +57,9 @@ def test_round_trip(tmp_path: Path) -> None:
     backend = LocalBackend(tmp_path)
     blobs = [(bytes([i]) * 32, 1 + i % 2, bytes([i]) * (48 + i * 7)) for i in range(20)]
     pack_id, data = write_pack(backend, blobs)
-    assert blake3.blake3(data).digest() == pack_id
+    header_len = 12 + 64 * len(blobs)
+    # design.md §Packs: a version 2 pack is named by the BLAKE3 of its header.
+    assert pack_id == blake3.blake3(data[-44 - header_len : -44]).digest() == data[-40:-8]
     assert pack_id_from_path(pack_path(pack_id)) == pack_id
     entries = read_header(backend, pack_path(pack_id))
     assert [(e.id, e.type) for e in entries] == [(b[0], b[1]) for b in blobs]
@@ -135,7 +138,8 @@ def test_semantic_header_errors() -> None:
     valid = encode_header([entry])[:-44]
     cases = {
         "header magic": b"XXXX" + valid[4:],
-        "version 2": valid[:4] + b"\x02" + valid[5:],
+        "version 3": valid[:4] + b"\x03" + valid[5:],
+        "version 0": valid[:4] + b"\x00" + valid[5:],
         "does not hold": valid[:8] + struct.pack("<I", 2) + valid[12:],
         "invalid blob type": valid[: 12 + 32] + b"\x07" + valid[12 + 33 :],
         "offset": encode_header([entry._replace(offset=5)])[:-44],
@@ -151,15 +155,55 @@ def test_semantic_header_errors() -> None:
 
 
 def test_golden_pack_v1(tmp_path: Path) -> None:
-    """The v1 fixture stays readable and the writer still produces it byte for byte."""
+    """The v1 fixture (named by the hash of the whole file) stays readable and verifiable."""
     assert GOLDEN.exists(), f"golden fixture {GOLDEN} is missing"
     golden = GOLDEN.read_bytes()
-    assert golden == spec_pack(GOLDEN_BLOBS)
+    assert golden == spec_pack(GOLDEN_BLOBS, version=1)
     entries = parse_pack_header(golden, len(golden))
     assert [(e.id, e.type, golden[e.offset : e.offset + e.length]) for e in entries] == GOLDEN_BLOBS
     assert [e.checksum for e in entries] == [
         blake3.blake3(b[2]).digest()[:16] for b in GOLDEN_BLOBS
     ]
-    pack_id, written = write_pack(LocalBackend(tmp_path), GOLDEN_BLOBS)
+    assert encode_header(entries, version=1) == golden[entries[-1].offset + entries[-1].length :]
+    backend = LocalBackend(tmp_path)
+    pack_id = blake3.blake3(golden).digest()
+    backend.put(pack_path(pack_id), golden)
+    assert list(verify_pack(backend, pack_id)) == []
+    # A flipped envelope byte: its checksum and the file's name both tell.
+    damaged = bytearray(golden)
+    damaged[5] ^= 1
+    backend.put(pack_path(pack_id), bytes(damaged))
+    problems = [p.message for p in verify_pack(backend, pack_id)]
+    assert len(problems) == 2
+    assert "checksum mismatch" in problems[0] and "does not match its name" in problems[1]
+
+
+def test_golden_pack_v2(tmp_path: Path) -> None:
+    """The writer produces the v2 fixture byte for byte, named by its header hash."""
+    assert GOLDEN_V2.exists(), f"golden fixture {GOLDEN_V2} is missing"
+    golden = GOLDEN_V2.read_bytes()
+    assert golden == spec_pack(GOLDEN_BLOBS)
+    backend = LocalBackend(tmp_path)
+    pack_id, written = write_pack(backend, GOLDEN_BLOBS)
     assert written == golden
-    assert pack_id.hex() == blake3.blake3(golden).hexdigest()
+    assert pack_id.hex() == "6417e62b3eb6277d65bbc6aca28df41fbba60c3fca7ece83bf8e36645bcd50c3"
+    assert list(verify_pack(backend, pack_id)) == []
+
+
+def test_v2_pack_under_another_name_is_found(tmp_path: Path) -> None:
+    backend = LocalBackend(tmp_path)
+    pack_id, data = write_pack(backend, GOLDEN_BLOBS)
+    other = blake3.blake3(b"another name").digest()
+    backend.put(pack_path(other), data)
+    assert [p.message for p in verify_pack(backend, other)] == [
+        f"pack {other.hex()}: header does not match its name"
+    ]
+    # A flipped envelope byte of a v2 pack: its checksum tells (the header, and so the name,
+    # covers every checksum).
+    damaged = bytearray(data)
+    damaged[5] ^= 1
+    backend.put(pack_path(pack_id), bytes(damaged))
+    problems = list(verify_pack(backend, pack_id))
+    assert [(p.blob, "checksum mismatch" in p.message) for p in problems] == [
+        (GOLDEN_BLOBS[0][0], True)
+    ]

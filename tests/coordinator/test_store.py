@@ -171,6 +171,8 @@ def test_recover_after_crash(tmp_path: Path, make_blob: MakeBlob) -> None:
     backend.put(f"keys/{KEY.key_id.hex()}", KEY.SerializeToString())
     (backend.staging_dir() / "pack-in-progress.tmp").write_bytes(b"half a pack")
     backend.put("data/ee/" + "ee" * 32, b"not a pack at all, long enough to have a trailer" * 2)
+    # A whole pack under another pack's name (a v2 pack is named by its header hash).
+    backend.put("data/dd/" + "dd" * 32, backend.get(pack_path(result.pack_id)))
     catalog.close()
 
     catalog = SqliteCatalog(tmp_path / "cat.db")
@@ -183,7 +185,10 @@ def test_recover_after_crash(tmp_path: Path, make_blob: MakeBlob) -> None:
         stats.snapshots_indexed,
         stats.keys_indexed,
     ) == (1, 1, 1, 1)
-    assert len(stats.problems) == 1 and "ee" * 32 in stats.problems[0]
+    problems = sorted(stats.problems)
+    assert len(problems) == 2 and "ee" * 32 in problems[1]
+    assert problems[0] == f"pack {'dd' * 32}: header does not match its name (not indexed)"
+    assert not catalog.has_pack(bytes.fromhex("dd" * 32))
     assert store.missing(refs) == [False] * 7
     assert catalog.has_pack(result.pack_id)
     assert store.get_snapshot(SID).root == refs[0]
