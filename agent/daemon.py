@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import socket
@@ -31,6 +32,7 @@ log = logging.getLogger("clawback.agent")
 
 
 CAPABILITIES = ("backup.volume.v1", "restore.v1")
+CONNECT_TIMEOUT_S = 10.0  # a job waits this long for its channel to connect before its first call
 BACKOFF_MIN_S, BACKOFF_MAX_S = 0.5, 30.0
 
 
@@ -206,6 +208,13 @@ class AgentDaemon:
         kind, job_id = cmd.WhichOneof("cmd"), cmd.job_id
         try:
             async with self.channels.lease() as channel:
+                # Connect now, while the certificate is fresh: a job's first call on this
+                # channel may come after its certificate expired (uploads go on the sync
+                # channel; the wrapped keys and the commit come last), and a handshake with
+                # an expired certificate is refused. The established connection stays up.
+                # Bounded: with no coordinator the job's first call fails with the reason.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(channel.channel_ready(), CONNECT_TIMEOUT_S)
                 # A backup's uploads go on a synchronous channel of their own (same
                 # certificate), fed straight from the sealing threads.
                 uploads = (

@@ -58,7 +58,7 @@ def test_certificates_rotate_during_a_long_backup(cluster_factory, tmp_path: Pat
             break
         time.sleep(0.5)
     took = time.monotonic() - started
-    assert state["state"] == "succeeded", state
+    assert state["state"] == "succeeded", json.dumps(state)
     renewed_during = _renewals(c) - renewals_before
     print(f"first backup: {took:.1f}s, {renewed_during} renewals of a {CERT_TTL_S}s certificate")
     assert took > CERT_TTL_S and renewed_during >= 2, (
