@@ -365,11 +365,15 @@ class BlobStore:
     def upload(self) -> UploadSession:
         return UploadSession(self)
 
-    def read_blobs(self, ids: Iterable[bytes]) -> Iterator[tuple[bytes, int, bytes | None, str]]:
+    def read_blobs(
+        self, ids: Iterable[bytes], *, verify: bool = True
+    ) -> Iterator[tuple[bytes, int, bytes | None, str]]:
         """Yield (id, type, envelope, "") or (id, type, None, error) for each id,
-        grouped by pack in offset order. A blob that is not stored or fails its
-        checksum comes back with an error instead of raising, so a restore can
-        fail just the affected files."""
+        grouped by pack in offset order. A blob that is not stored, comes back short or
+        (with `verify`) fails its checksum comes back with an error instead of raising, so
+        a restore can fail just the affected files. Without `verify` the reader must
+        authenticate every envelope itself (an agent's restore does: design.md §Wire
+        protocol, DownloadBlobs)."""
         wanted = list(dict.fromkeys(ids))
         where = self.catalog.blob_locations(wanted)
         by_pack: dict[bytes, list[PackEntry]] = {}
@@ -394,7 +398,7 @@ class BlobStore:
                             None,
                             f"blob {entry.id.hex()[:16]} {where_}: short read",
                         )
-                    elif checksum(envelope) != entry.checksum:
+                    elif verify and checksum(envelope) != entry.checksum:
                         yield (
                             entry.id,
                             entry.type,

@@ -94,7 +94,7 @@ def test_flipped_byte_is_named(store: BlobStore, make_blob: MakeBlob) -> None:
     assert victim_id.hex() in blob_error.message and loc.pack.hex() in blob_error.message
     assert "checksum mismatch" in blob_error.message
 
-    # A restore gets an error for that blob only.
+    # A checked read gets an error for that blob only.
     results = {r[0]: r for r in store.read_blobs([b[0] for b in blobs])}
     bad = results.pop(victim_id)
     assert bad[2] is None
@@ -105,6 +105,12 @@ def test_flipped_byte_is_named(store: BlobStore, make_blob: MakeBlob) -> None:
         if bid != victim_id
         for r in [results[bid]]
     )
+
+    # An unchecked read (an agent's restore, which authenticates every envelope itself)
+    # returns the damaged envelope as stored.
+    unchecked = {r[0]: r for r in store.read_blobs([victim_id], verify=False)}
+    assert unchecked[victim_id][3] == ""
+    assert unchecked[victim_id][2] != dict(blobs)[victim_id]
 
 
 def test_damaged_header_is_named(store: BlobStore, make_blob: MakeBlob) -> None:

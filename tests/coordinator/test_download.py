@@ -43,7 +43,9 @@ class FakeStore:
     def __init__(self, blobs: list[tuple[bytes, int, bytes | None, str]]) -> None:
         self.blobs = blobs
 
-    def read_blobs(self, ids: list[bytes]) -> Iterator[tuple[bytes, int, bytes | None, str]]:
+    def read_blobs(
+        self, ids: list[bytes], *, verify: bool = True
+    ) -> Iterator[tuple[bytes, int, bytes | None, str]]:
         yield from self.blobs
 
 
@@ -54,7 +56,7 @@ async def test_stream_blobs_sends_every_blob_once_in_bounded_messages(
     blobs = [(bytes([i % 256, i // 256]) * 16, 1, os.urandom(700 + i), "") for i in range(300)]
     blobs[7] = (blobs[7][0], 1, None, "checksum mismatch")
     got = []
-    async for raw in server._stream_blobs(FakeStore(blobs), []):
+    async for raw in server._stream_blobs(FakeStore(blobs), [], verify=True):
         assert len(raw) < 10_000 + 2 * 1100
         msg = agent_pb2.DownloadResponse.FromString(raw)
         got += [(b.id, b.type, None if b.error else b.envelope, b.error) for b in msg.blobs]
@@ -64,7 +66,7 @@ async def test_stream_blobs_sends_every_blob_once_in_bounded_messages(
 async def test_stream_blobs_closed_early(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(server, "DOWNLOAD_BATCH", 1000)
     blobs = [(bytes([i]) * 32, 1, b"x" * 900, "") for i in range(50)]
-    stream = server._stream_blobs(FakeStore(blobs), [])
+    stream = server._stream_blobs(FakeStore(blobs), [], verify=True)
     assert await stream.__anext__()
     await stream.aclose()  # the call ended: reads in flight are dropped
     await asyncio.sleep(0.05)
@@ -72,7 +74,7 @@ async def test_stream_blobs_closed_early(monkeypatch: pytest.MonkeyPatch) -> Non
 
 def test_store_without_blobs_streams_nothing() -> None:
     async def run() -> list[bytes]:
-        return [m async for m in server._stream_blobs(FakeStore([]), [])]
+        return [m async for m in server._stream_blobs(FakeStore([]), [], verify=True)]
 
     assert asyncio.run(run()) == []
 

@@ -61,6 +61,8 @@ def test_flipped_byte_in_a_pack_is_named_and_only_its_file_fails(
     r = c.cli("restore", snap, "--agent", "node2", "--target", str(target), "--wait", check=False)
     assert r.returncode == 3, r.stdout + r.stderr  # partial
     assert "victim.bin" in r.stdout + r.stderr
+    # The coordinator streams envelopes unchecked; the agent's AEAD refuses the damaged one.
+    assert f"blob {blob_id.hex()[:16]}: authentication failed" in r.stdout + r.stderr
     assert not (target / "victim.bin").exists()
     assert (target / "survivor.bin").read_bytes() == (src / "survivor.bin").read_bytes()
     assert (target / "notes.txt").read_bytes() == (src / "notes.txt").read_bytes()
