@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench.run import PEERS, STEPS, SUBJECT, TARGET_RATIOS
+from bench.run import BOUND, PEERS, STEPS, SUBJECT, TARGET_RATIOS
 
 MIB = 1 << 20
 
@@ -27,7 +27,7 @@ def _x(x: float | None) -> str:
 def markdown(report: dict[str, Any]) -> str:
     summary: dict[str, dict[str, dict[str, Any]]] = report["summary"]
     ratios: dict[str, dict[str, Any]] = report["ratios"]
-    tools = [t for t in (SUBJECT, *PEERS) if t in summary]
+    tools = [t for t in (SUBJECT, *PEERS, BOUND) if t in summary]
     out: list[str] = []
     host = report["host"]
     vol = report.get("volume", {})
@@ -80,6 +80,14 @@ def markdown(report: dict[str, Any]) -> str:
             + " | ".join(cells)
             + f" | {_x(r['vs_faster']['wall'])} ({r['faster_peer']}) | <= {target:.2f}x {verdict} |"
         )
+    for step in STEPS:
+        b = ratios.get(step, {}).get("vs_bound")
+        if b:
+            out.append("")
+            out.append(
+                f"{step}: {SUBJECT} ÷ `{BOUND} -a` onto a fresh file system (the kernel's bound): "
+                f"wall {_x(b['wall'])}, CPU {_x(b['cpu'])}."
+            )
     return "\n".join(out)
 
 

@@ -1,7 +1,7 @@
 """The benchmark runner: clawback, restic and Borg back up and restore the same generated node volume.
 
     python -m bench.run [--quick] [--size 2G] [--repeat 3] [--seed 1] [--json FILE] [--keep]
-                        [--workdir /var/tmp/clawback-bench] [--tools clawback restic borg]
+                        [--workdir /var/tmp/clawback-bench] [--tools clawback restic borg cp]
                         [--no-install] [--drop-caches]
 
 Each repetition generates the volume afresh (`bench.generate`, same seed, so
@@ -17,7 +17,9 @@ before the next step starts, and the tool order rotates by one per repetition.
    files added and deleted);
 4. `restore`: the last snapshot into an empty directory; after all tools have
    restored, each restore is verified byte for byte and by metadata with
-   `bench.verify.compare_trees` (not timed).
+   `bench.verify.compare_trees` (not timed). `cp` (`KernelCopy`) takes part in
+   this step alone: `cp -a` of the source onto the same kind of fresh file
+   system, the kernel's bound for a restore, measured in the same run.
 
 Per step: wall time, throughput (source bytes / wall), CPU seconds of each
 long-lived process of the tool (utime+stime from /proc/<pid>/stat, its
@@ -441,6 +443,45 @@ TARGET_REPO_VS_RESTIC = 1.05
 TARGET_AGENT_RSS = 200 << 20
 
 
+class KernelCopy:
+    """The restore's bound: `cp -a` of the source onto the same kind of fresh file system the
+    tools restore onto, verified like their restores. It takes part in the restore step only
+    (it has no repository): what the kernel needs to create and write the volume's files,
+    plus reading them from a page cache as warm as the tools' repositories are."""
+
+    name = "cp"
+    steps = ("restore",)
+
+    def start(self, workdir: Path, source: Path) -> None:
+        self.source = source
+
+    def backup(self) -> str:
+        raise ToolError("cp -a takes part in the restore step only")
+
+    def restore(self, snapshot: str, target: Path) -> None:
+        r = subprocess.run(
+            ["cp", "-a", "--", f"{self.source}/.", str(target)],
+            capture_output=True,
+            text=True,
+            timeout=3600,
+        )
+        if r.returncode:
+            raise ToolError(f"cp -a exited {r.returncode}: {r.stderr.strip()[-500:]}")
+
+    def size(self) -> int:
+        return 0
+
+    def processes(self) -> dict[str, int]:
+        return {}  # cp is our child: its CPU and peak are the "cli" role's
+
+    def stop(self) -> None:
+        pass
+
+
+TOOLS["cp"] = KernelCopy
+BOUND = "cp"
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -649,6 +690,8 @@ def run_round(
             source_bytes = tree_bytes(data)
             for tool in list(active):
                 name = tool.name
+                if step not in getattr(tool, "steps", STEPS):
+                    continue
 
                 def backup(tool: Tool = tool) -> str:
                     sid = tool.backup()
@@ -664,8 +707,9 @@ def run_round(
                     )
 
                 def restore(tool: Tool = tool) -> str:
-                    tool.restore(snapshots[tool.name][-1], restore_fs[tool.name].target)
-                    return snapshots[tool.name][-1]
+                    sid = snapshots[tool.name][-1] if snapshots[tool.name] else ""
+                    tool.restore(sid, restore_fs[tool.name].target)
+                    return sid
 
                 others = [pid for t in live if t is not tool for pid in t.processes().values()]
                 result = measure(
@@ -797,7 +841,8 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def compare(summary: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
-    """step -> clawback's ratios to each peer and to the faster peer (by median wall time)."""
+    """step -> clawback's ratios to each peer and to the faster peer (by median wall time),
+    and to the kernel's copy (`vs_bound`) where it was measured."""
     out: dict[str, dict[str, Any]] = {}
     mine = summary.get(SUBJECT, {})
     for step in STEPS:
@@ -820,6 +865,12 @@ def compare(summary: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str
         wall = entry[fastest]["wall"]
         entry["target_wall"] = target
         entry["meets_wall"] = None if target is None or wall is None else wall <= target
+        bound = summary.get(BOUND, {}).get(step)
+        if bound:
+            entry["vs_bound"] = {
+                "wall": _ratio(me["wall_s"], bound["wall_s"]),
+                "cpu": _ratio(me["cpu_s"], bound["cpu_s"]),
+            }
         out[step] = entry
     return out
 
@@ -946,6 +997,11 @@ def format_summary(
             out.append(
                 f"{SUBJECT} / faster peer ({r['faster_peer']}): wall {_x(r['vs_faster']['wall'])}{verdict}"
             )
+            if "vs_bound" in r:
+                out.append(
+                    f"{SUBJECT} / {BOUND} -a onto a fresh file system (the kernel's bound): "
+                    f"wall {_x(r['vs_bound']['wall'])}, cpu {_x(r['vs_bound']['cpu'])}"
+                )
         out.append("")
     mine = summary.get(SUBJECT, {})
     agent_peaks = [

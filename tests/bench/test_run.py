@@ -152,3 +152,30 @@ def test_format_table_handles_missing_values() -> None:
         tool="t", steps=[StepResult(step="backup-full", wall_s=1.0, cpu_s={"cli": 0.1})]
     )
     assert "backup-full" in format_table(res)
+
+
+def test_the_kernel_copy_takes_part_in_the_restore_alone(tmp_path: Path) -> None:
+    results, _ = run.run_round(
+        [CopyTool(), run.KernelCopy()], tmp_path / "w", "2M", seed=3, log=lambda _: None
+    )
+    copy, bound = results
+    assert [s.step for s in copy.steps] == list(run.STEPS)
+    assert [s.step for s in bound.steps] == ["restore"]
+    assert bound.error is None and bound.verified is True, bound.differences
+    assert bound.steps[0].wall_s > 0 and "cli" in bound.steps[0].cpu_s
+
+
+def test_restore_is_compared_with_the_kernel_copy() -> None:
+    def result(tool: str, wall: float, cpu: float) -> ToolResult:
+        step = StepResult(step="restore", wall_s=wall, cpu_s={"cli": cpu}, source_bytes=10**9)
+        step.peak_rss_bytes = {"cli": 1 << 20}
+        return ToolResult(tool=tool, steps=[step])
+
+    summary = run.summarize_results(
+        [result("clawback", 6.0, 9.0), result("restic", 5.0, 8.0), result("cp", 3.0, 3.0)]
+    )
+    ratios = run.compare(summary)
+    assert ratios["restore"]["vs_bound"] == {"wall": 2.0, "cpu": 3.0}
+    assert ratios["restore"]["faster_peer"] == "restic"  # the bound is not a peer
+    text = run.format_summary(summary, ratios)
+    assert "cp -a onto a fresh file system (the kernel's bound): wall 2.00x, cpu 3.00x" in text
