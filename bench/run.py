@@ -6,9 +6,10 @@
 
 Each repetition generates the volume afresh (`bench.generate`, same seed, so
 every repetition and every tool sees identical bytes), gives every tool a
-fresh repository, reads the data once untimed (warm page cache), then runs
-four measured steps, interleaved: each step is done by every tool in turn
-before the next step starts, and the tool order rotates by one per repetition.
+fresh repository, then runs four measured steps, interleaved: each step is
+done by every tool in turn before the next step starts, and the tool order
+rotates by one per repetition. Before each tool's backup the data is read
+once, untimed (warm page cache).
 
 1. `backup-full`: the first backup;
 2. `backup-unchanged`: the same data again (the files cache at work);
@@ -447,7 +448,7 @@ class KernelCopy:
     """The restore's bound: `cp -a` of the source onto the same kind of fresh file system the
     tools restore onto, verified like their restores. It takes part in the restore step only
     (it has no repository): what the kernel needs to create and write the volume's files,
-    plus reading them from a page cache as warm as the tools' repositories are."""
+    plus reading them from the page cache (warmed before it, as before each backup)."""
 
     name = "cp"
     steps = ("restore",)
@@ -674,7 +675,6 @@ def run_round(
             except Exception as exc:
                 traceback.print_exc()
                 results[tool.name].error = f"start: {type(exc).__name__}: {exc}"
-        warm(data)
         active = list(live)
         for step in STEPS:
             if step == "backup-mutated":
@@ -686,7 +686,6 @@ def run_round(
                     f"{summary.deleted_files} deleted, {summary.db_pages_changed} db pages, "
                     f"{summary.logs_appended} logs appended"
                 )
-                warm(data)
             source_bytes = tree_bytes(data)
             for tool in list(active):
                 name = tool.name
@@ -698,6 +697,12 @@ def run_round(
                     snapshots[tool.name].append(sid)
                     return sid
 
+                if (step != "restore" or name == BOUND) and not drop_caches:
+                    # Before each tool, not once per step: this machine's page cache does not
+                    # keep the volume through another tool's backup (the host reclaims cold
+                    # pages), which made whichever tool went first the fastest. The copy reads
+                    # the volume too: warm, so it measures the writes.
+                    warm(data)
                 if step == "restore":  # made before the clock starts
                     restore_fs[name] = RestoreFs(
                         workdir / tool.name / "restore-fs",

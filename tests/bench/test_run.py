@@ -179,3 +179,19 @@ def test_restore_is_compared_with_the_kernel_copy() -> None:
     assert ratios["restore"]["faster_peer"] == "restic"  # the bound is not a peer
     text = run.format_summary(summary, ratios)
     assert "cp -a onto a fresh file system (the kernel's bound): wall 2.00x, cpu 3.00x" in text
+
+
+def test_the_volume_is_warmed_before_each_tools_backup(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[Path] = []
+    real = run.warm
+
+    def counting(path: Path) -> int:
+        calls.append(path)
+        return real(path)
+
+    monkeypatch.setattr(run, "warm", counting)
+    run.run_round([CopyTool(), run.KernelCopy()], tmp_path / "w", "1M", seed=4, log=lambda _: None)
+    # Before each of the tool's three backups, and before the copy's restore.
+    assert len(calls) == 4 and all(p == tmp_path / "w" / "data" for p in calls)
