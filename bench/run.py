@@ -433,17 +433,6 @@ def _borg() -> Tool:
     return BorgTool()
 
 
-#: name -> factory. clawback first: it is the subject, the others are its peers.
-TOOLS: dict[str, Callable[[], Tool]] = {"clawback": ClawbackTool, "restic": _restic, "borg": _borg}
-PEERS = ("restic", "borg")
-SUBJECT = "clawback"
-
-#: The issue's acceptance ratios (clawback / the faster peer, by median wall time), for the report.
-TARGET_RATIOS = {"backup-full": 0.6, "backup-unchanged": 0.5, "backup-mutated": 0.6, "restore": 0.8}
-TARGET_REPO_VS_RESTIC = 1.05
-TARGET_AGENT_RSS = 200 << 20
-
-
 class KernelCopy:
     """The restore's bound: `cp -a` of the source onto the same kind of fresh file system the
     tools restore onto, verified like their restores. It takes part in the restore step only
@@ -479,8 +468,21 @@ class KernelCopy:
         pass
 
 
-TOOLS["cp"] = KernelCopy
+#: name -> factory. clawback first: it is the subject, then its peers, then the bound.
+TOOLS: dict[str, Callable[[], Tool]] = {
+    "clawback": ClawbackTool,
+    "restic": _restic,
+    "borg": _borg,
+    "cp": KernelCopy,
+}
+PEERS = ("restic", "borg")
+SUBJECT = "clawback"
 BOUND = "cp"
+
+#: The issue's acceptance ratios (clawback / the faster peer, by median wall time), for the report.
+TARGET_RATIOS = {"backup-full": 0.6, "backup-unchanged": 0.5, "backup-mutated": 0.6, "restore": 0.8}
+TARGET_REPO_VS_RESTIC = 1.05
+TARGET_AGENT_RSS = 200 << 20
 
 
 # --------------------------------------------------------------------------- the run
