@@ -264,8 +264,11 @@ class ResticTool(_CliTool):
         self._run(self.restore_argv(snapshot, target))
 
     def size(self) -> int:
+        return disk_usage(self.repository())
+
+    def repository(self) -> Path:
         assert self.workdir is not None
-        return disk_usage(self.workdir / "repo")
+        return self.workdir / "repo"
 
 
 class BorgTool(_CliTool):
@@ -332,6 +335,9 @@ class BorgTool(_CliTool):
 
     def size(self) -> int:
         return disk_usage(self.repo)
+
+    def repository(self) -> Path:
+        return self.repo
 
 
 PEERS: dict[str, type[_CliTool]] = {"restic": ResticTool, "borg": BorgTool}

@@ -9,7 +9,7 @@ every repetition and every tool sees identical bytes), gives every tool a
 fresh repository, then runs four measured steps, interleaved: each step is
 done by every tool in turn before the next step starts, and the tool order
 rotates by one per repetition. Before each tool's backup the data is read
-once, untimed (warm page cache).
+once, untimed, and before its restore its repository (warm page cache).
 
 1. `backup-full`: the first backup;
 2. `backup-unchanged`: the same data again (the files cache at work);
@@ -89,6 +89,9 @@ class Tool(Protocol):
 
     def size(self) -> int:
         """Bytes the repository occupies on disk now."""
+
+    def repository(self) -> Path:
+        """What a restore reads: the repository's directory (warmed before the restore)."""
 
     def processes(self) -> dict[str, int]:
         """Long-lived processes to measure, role -> pid (empty for tools without daemons)."""
@@ -408,7 +411,10 @@ class ClawbackTool:
         self._cli("restore", snapshot, "--agent", self.agent, "--target", str(target), "--wait")
 
     def size(self) -> int:
-        return disk_usage(Path(self.cluster.repo_dir))
+        return disk_usage(self.repository())
+
+    def repository(self) -> Path:
+        return Path(self.cluster.repo_dir)
 
     def processes(self) -> dict[str, int]:
         procs = {"coordinator": int(self.cluster.coordinator_pid)}
@@ -437,7 +443,7 @@ class KernelCopy:
     """The restore's bound: `cp -a` of the source onto the same kind of fresh file system the
     tools restore onto, verified like their restores. It takes part in the restore step only
     (it has no repository): what the kernel needs to create and write the volume's files,
-    plus reading them from the page cache (warmed before it, as before each backup)."""
+    plus reading them from the page cache (its "repository" is the volume, warmed before it)."""
 
     name = "cp"
     steps = ("restore",)
@@ -460,6 +466,9 @@ class KernelCopy:
 
     def size(self) -> int:
         return 0
+
+    def repository(self) -> Path:
+        return self.source  # what it copies from
 
     def processes(self) -> dict[str, int]:
         return {}  # cp is our child: its CPU and peak are the "cli" role's
@@ -699,12 +708,13 @@ def run_round(
                     snapshots[tool.name].append(sid)
                     return sid
 
-                if (step != "restore" or name == BOUND) and not drop_caches:
+                if not drop_caches:
                     # Before each tool, not once per step: this machine's page cache does not
-                    # keep the volume through another tool's backup (the host reclaims cold
-                    # pages), which made whichever tool went first the fastest. The copy reads
-                    # the volume too: warm, so it measures the writes.
-                    warm(data)
+                    # keep the volume (or a repository) through another tool's step (the host
+                    # reclaims cold pages), which made whichever tool went first the fastest.
+                    # A backup reads the volume; a restore its repository (the copy: the
+                    # volume), so each restore measures its work and its writes.
+                    warm(tool.repository() if step == "restore" else data)
                 if step == "restore":  # made before the clock starts
                     restore_fs[name] = RestoreFs(
                         workdir / tool.name / "restore-fs",

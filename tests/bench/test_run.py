@@ -51,6 +51,9 @@ class CopyTool:
     def size(self) -> int:
         return disk_usage(self.repo)
 
+    def repository(self) -> Path:
+        return self.repo
+
     def processes(self) -> dict[str, int]:
         assert self.daemon is not None
         return {"daemon": self.daemon.pid}
@@ -181,7 +184,7 @@ def test_restore_is_compared_with_the_kernel_copy() -> None:
     assert "cp -a onto a fresh file system (the kernel's bound): wall 2.00x, cpu 3.00x" in text
 
 
-def test_the_volume_is_warmed_before_each_tools_backup(
+def test_the_volume_is_warmed_before_each_backup_and_the_repository_before_each_restore(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[Path] = []
@@ -193,5 +196,7 @@ def test_the_volume_is_warmed_before_each_tools_backup(
 
     monkeypatch.setattr(run, "warm", counting)
     run.run_round([CopyTool(), run.KernelCopy()], tmp_path / "w", "1M", seed=4, log=lambda _: None)
-    # Before each of the tool's three backups, and before the copy's restore.
-    assert len(calls) == 4 and all(p == tmp_path / "w" / "data" for p in calls)
+    # The volume before each of the tool's three backups, then the tool's repository before
+    # its restore, and the volume again before the copy's (it copies from the volume).
+    data, repo = tmp_path / "w" / "data", tmp_path / "w" / "copy" / "work" / "repo"
+    assert calls == [data, data, data, repo, data]
