@@ -200,3 +200,22 @@ def test_the_volume_is_warmed_before_each_backup_and_the_repository_before_each_
     # its restore, and the volume again before the copy's (it copies from the volume).
     data, repo = tmp_path / "w" / "data", tmp_path / "w" / "copy" / "work" / "repo"
     assert calls == [data, data, data, repo, data]
+
+
+def test_each_restore_is_verified_and_removed_before_the_next_tool_restores(
+    tmp_path: Path,
+) -> None:
+    seen: list[bool] = []
+
+    class WatchingCopy(run.KernelCopy):
+        def restore(self, snapshot: str, target: Path) -> None:
+            # The first tool's restore is gone (and its memory with it) when this one starts.
+            seen.append((tmp_path / "w" / "copy" / "restore").exists())
+            super().restore(snapshot, target)
+
+    results, _ = run.run_round(
+        [CopyTool(), WatchingCopy()], tmp_path / "w", "1M", seed=5, log=lambda _: None
+    )
+    assert seen == [False]
+    assert all(r.verified is True for r in results), [r.differences for r in results]
+    assert not (tmp_path / "w" / "cp" / "restore").exists()
