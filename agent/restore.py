@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import mmap
 import os
 import shutil
@@ -75,6 +76,8 @@ from core.format import ENVELOPE_KEY_ID, ID_SIZE, RepoConfig
 from core.keys import KeyProvider
 from core.tree import decode_tree
 from protos.clawback.v1 import common_pb2, repo_pb2
+
+log = logging.getLogger("clawback.agent.restore")
 
 DATA = common_pb2.BLOB_TYPE_DATA
 TREE = common_pb2.BLOB_TYPE_TREE
@@ -1174,20 +1177,35 @@ class _Restore:
 
     async def _run(self) -> RestoreResult:
         loop = asyncio.get_running_loop()
+        t0 = self.clock.monotonic()
+        phases: dict[str, float] = {}
+
+        def phase(name: str) -> None:
+            phases[name] = self.clock.monotonic() - t0
+
         try:
             await self._load_keys(set(self.snapshot.key_ids))
             await self.load_trees()
+            phase("trees")
             self.progress(force=True)
             order = await self.run_cpu(self._order)
             top = await asyncio.to_thread(self._open_target)
             self.fds = fds = _DirFds(top)
             try:
                 prepared = loop.run_in_executor(self.writer, self._prepare, fds)
+                prepared.add_done_callback(lambda _f: phase("structure"))
                 await self.restore_content(order, prepared)
+                phase("content")
                 links = prepared.result()
                 self.result.dirs = len(self.dirs) - len(self.failed_dirs)
                 await loop.run_in_executor(self.writer, self.make_links, fds, links, self.restored)
                 await loop.run_in_executor(self.writer, self.dir_metadata, fds)
+                phase("metadata")
+                log.info(
+                    "restore of %s phases (s since start): %s",
+                    self.snapshot.id,
+                    " ".join(f"{k} {v:.3f}" for k, v in phases.items()),
+                )
             finally:
                 await loop.run_in_executor(self.writer, fds.close_all)
                 os.close(top)

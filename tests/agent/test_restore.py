@@ -3,7 +3,9 @@ memory, and what a failure leaves behind (design.md §Trees, §Blob traffic)."""
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +98,22 @@ async def test_raw_batches_round_trip(env: Env, workdir: Path) -> None:
     assert compare_trees(src, workdir / "dst") == []
     # Every blob was asked for once, however many files use it.
     assert len(env.repo.downloaded) == len(set(env.repo.downloaded))
+
+
+async def test_the_restore_logs_how_long_each_stage_took(
+    env: Env, workdir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    src = workdir / "src"
+    big_tree(src, files=3)
+    r = await backup(env, src)
+    with caplog.at_level(logging.INFO, logger="clawback.agent.restore"):
+        res = await restore(env, BatchRepo(env.repo), r.info, workdir / "dst")
+    assert res.errors == []
+    [line] = [m for m in caplog.messages if m.startswith(f"restore of {r.info.id} phases")]
+    stages = dict(re.findall(r"(\w+) (\d+\.\d+)", line.split(":", 1)[1]))
+    assert list(stages) == ["trees", "structure", "content", "metadata"]
+    times = [float(v) for v in stages.values()]
+    assert times == sorted(times)  # seconds since the start, in the order the stages end
 
 
 async def test_files_parked_between_blobs_are_reopened(
