@@ -622,6 +622,24 @@ class RestoreFs:
         self.image.unlink(missing_ok=True)
 
 
+def unmount_below(path: Path) -> list[Path]:
+    """Unmount every file system mounted at or below `path`, deepest first (what a run with
+    --keep left mounted); returns them. One that will not unmount raises ToolError."""
+    root = os.path.realpath(path)
+    points: list[Path] = []
+    with suppress(OSError), open("/proc/self/mounts") as mounts:
+        for line in mounts:
+            # Spaces and other specials in mount points are octal escapes (\040).
+            point = line.split()[1].encode().decode("unicode_escape")
+            if point == root or point.startswith(root + "/"):
+                points.append(Path(point))
+    for point in sorted(points, key=lambda p: len(p.parts), reverse=True):
+        r = subprocess.run(["umount", str(point)], capture_output=True, text=True, timeout=120)
+        if r.returncode:
+            raise ToolError(f"cannot unmount {point} (left by an earlier run): {r.stderr.strip()}")
+    return points
+
+
 def fresh_fs_possible() -> bool:
     """A fresh file system per restore needs root, mkfs.ext4 and loop devices."""
     return (
@@ -687,6 +705,7 @@ def run_round(
         shutil.rmtree(data)
     for tool in tools:
         if (workdir / tool.name).exists():
+            unmount_below(workdir / tool.name)  # a restore kept mounted by an earlier --keep
             shutil.rmtree(workdir / tool.name)
         (workdir / tool.name).mkdir(parents=True)
     tag = f"rep {repetition + 1}"

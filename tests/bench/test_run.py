@@ -219,3 +219,22 @@ def test_each_restore_is_verified_and_removed_before_the_next_tool_restores(
     assert seen == [False]
     assert all(r.verified is True for r in results), [r.differences for r in results]
     assert not (tmp_path / "w" / "cp" / "restore").exists()
+
+
+def test_a_restore_left_mounted_by_keep_is_unmounted_by_the_next_run(tmp_path: Path) -> None:
+    # A kept restore stays mounted (--keep); the next round must start anyway.
+    assert run.fresh_fs_possible(), "needs root, mkfs.ext4 and loop devices (as make bench)"
+    (tmp_path / "w" / "copy").mkdir(parents=True)
+    said: list[str] = []
+    fs = run.RestoreFs(tmp_path / "w" / "copy" / "restore-fs", 64 << 20, True, said.append)
+    assert fs.mounted, said
+    fs.target.mkdir()
+    try:
+        results, _ = run.run_round([CopyTool()], tmp_path / "w", "1M", seed=6, log=lambda _: None)
+    finally:
+        left = run.unmount_below(tmp_path)  # whatever happened, nothing stays mounted
+    assert left == []
+    assert results[0].error is None and results[0].verified is True
+    assert not any(
+        str(tmp_path) in line for line in Path("/proc/self/mounts").read_text().splitlines()
+    )
