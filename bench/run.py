@@ -18,8 +18,8 @@ once, untimed, and before its restore its repository (warm page cache).
    files added and deleted);
 4. `restore`: the last snapshot into an empty directory; right after each
    tool's restore (before the next tool restores) it is verified byte for byte
-   and by metadata with `bench.verify.compare_trees` (not timed) and removed. `cp` (`KernelCopy`) takes part in
-   this step alone: `cp -a` of the source onto the same kind of fresh file
+   and by metadata with `bench.verify.compare_trees` (not timed) and removed.
+   `cp` (`KernelCopy`) takes part in this step alone: `cp -a` of the source onto the same kind of fresh file
    system, the kernel's bound for a restore, measured in the same run.
 
 Per step: wall time, throughput (source bytes / wall), CPU seconds of each
@@ -42,6 +42,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import shutil
 import stat
@@ -630,7 +631,7 @@ def unmount_below(path: Path) -> list[Path]:
     with suppress(OSError), open("/proc/self/mounts") as mounts:
         for line in mounts:
             # Spaces and other specials in mount points are octal escapes (\040).
-            point = line.split()[1].encode().decode("unicode_escape")
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), line.split()[1])
             if point == root or point.startswith(root + "/"):
                 points.append(Path(point))
     for point in sorted(points, key=lambda p: len(p.parts), reverse=True):
@@ -667,18 +668,20 @@ def _verify(
     """Compare a tool's restore with the source (untimed) into `res`; unless `keep`, remove it."""
     log(f"[{tag}] [{tool.name}] verifying the restore against the source")
     try:
-        diffs = compare_trees(data, restored_root(tool, fs.target))
-    except OSError as exc:
-        diffs = [f".: restored tree unreadable: {exc}"]
-    res.verified = not diffs
-    res.difference_count = len(diffs)
-    res.differences = diffs[:100]
-    log(f"[{tag}] [{tool.name}] restore: {summarize(diffs)}")
-    if not keep:
-        if not fs.mounted:
-            shutil.rmtree(fs.target, ignore_errors=True)
-        fs.close()
-        os.sync()
+        try:
+            diffs = compare_trees(data, restored_root(tool, fs.target))
+        except OSError as exc:
+            diffs = [f".: restored tree unreadable: {exc}"]
+        res.verified = not diffs
+        res.difference_count = len(diffs)
+        res.differences = diffs[:100]
+        log(f"[{tag}] [{tool.name}] restore: {summarize(diffs)}")
+    finally:
+        if not keep:
+            if not fs.mounted:
+                shutil.rmtree(fs.target, ignore_errors=True)
+            fs.close()
+            os.sync()
 
 
 def run_round(

@@ -222,15 +222,17 @@ def test_each_restore_is_verified_and_removed_before_the_next_tool_restores(
 
 
 def test_a_restore_left_mounted_by_keep_is_unmounted_by_the_next_run(tmp_path: Path) -> None:
-    # A kept restore stays mounted (--keep); the next round must start anyway.
+    # A kept restore stays mounted (--keep); the next round must start anyway. A space in
+    # the path: /proc/self/mounts writes it as \040.
+    work = tmp_path / "w x"
     assert run.fresh_fs_possible(), "needs root, mkfs.ext4 and loop devices (as make bench)"
-    (tmp_path / "w" / "copy").mkdir(parents=True)
+    (work / "copy").mkdir(parents=True)
     said: list[str] = []
-    fs = run.RestoreFs(tmp_path / "w" / "copy" / "restore-fs", 64 << 20, True, said.append)
+    fs = run.RestoreFs(work / "copy" / "restore-fs", 64 << 20, True, said.append)
     assert fs.mounted, said
     fs.target.mkdir()
     try:
-        results, _ = run.run_round([CopyTool()], tmp_path / "w", "1M", seed=6, log=lambda _: None)
+        results, _ = run.run_round([CopyTool()], work, "1M", seed=6, log=lambda _: None)
     finally:
         left = run.unmount_below(tmp_path)  # whatever happened, nothing stays mounted
     assert left == []
