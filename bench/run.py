@@ -19,8 +19,9 @@ once, untimed, and before its restore its repository (warm page cache).
 4. `restore`: the last snapshot into an empty directory; right after each
    tool's restore (before the next tool restores) it is verified byte for byte
    and by metadata with `bench.verify.compare_trees` (not timed) and removed.
-   `cp` (`KernelCopy`) takes part in this step alone: `cp -a` of the source onto the same kind of fresh file
-   system, the kernel's bound for a restore, measured in the same run.
+   `cp` (`KernelCopy`) takes part in this step alone: `cp -a` of the source onto
+   the same kind of fresh file system, the kernel's bound for a restore,
+   measured in the same run.
 
 Per step: wall time, throughput (source bytes / wall), CPU seconds of each
 long-lived process of the tool (utime+stime from /proc/<pid>/stat, its

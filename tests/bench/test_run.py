@@ -235,8 +235,5 @@ def test_a_restore_left_mounted_by_keep_is_unmounted_by_the_next_run(tmp_path: P
         results, _ = run.run_round([CopyTool()], work, "1M", seed=6, log=lambda _: None)
     finally:
         left = run.unmount_below(tmp_path)  # whatever happened, nothing stays mounted
-    assert left == []
+    assert left == []  # the round unmounted the kept restore itself
     assert results[0].error is None and results[0].verified is True
-    assert not any(
-        str(tmp_path) in line for line in Path("/proc/self/mounts").read_text().splitlines()
-    )
