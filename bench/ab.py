@@ -292,10 +292,7 @@ def _restore_once(
                 s.error = f"restore differs: {summarize(diffs)}"
         return s
     finally:
-        if not fs.mounted:
-            shutil.rmtree(fs.target, ignore_errors=True)
-        fs.close()
-        os.sync()
+        fs.discard()
 
 
 def run(

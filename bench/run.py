@@ -615,6 +615,14 @@ class RestoreFs:
         # On the fresh file system, or beside it in the work dir (<tool>/restore, as before).
         self.target = base / "restore" if self.mounted else base.with_name("restore")
 
+    def discard(self) -> None:
+        """Remove the restore with its file system, and write back what is left (a step's
+        writeback is not billed to the next)."""
+        if not self.mounted:
+            shutil.rmtree(self.target, ignore_errors=True)
+        self.close()
+        os.sync()
+
     def close(self) -> None:
         if self.mounted:
             subprocess.run(
@@ -679,10 +687,7 @@ def _verify(
         log(f"[{tag}] [{tool.name}] restore: {summarize(diffs)}")
     finally:
         if not keep:
-            if not fs.mounted:
-                shutil.rmtree(fs.target, ignore_errors=True)
-            fs.close()
-            os.sync()
+            fs.discard()
 
 
 def run_round(
