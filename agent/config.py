@@ -36,6 +36,7 @@ class AgentConfig:
     sources: tuple[SourceConfig, ...]
     vault: VaultSettings | None = None
     workers: int = 2
+    download_window_mib: int = 4  # per stream received ahead of the agent; 0: gRPC's own
     log_level: str = "info"
     name: str = ""  # [agent] name: the CN of its Vault certificate
 
@@ -84,6 +85,7 @@ def load_config(path: str | Path) -> AgentConfig:
 
     perf = root.table("performance")
     workers = perf.int("workers", 2, min=1, max=64)
+    download_window_mib = perf.int("download_window_mib", 4, min=0, max=1024)
     perf.done()
 
     sources: list[SourceConfig] = []
@@ -118,6 +120,7 @@ def load_config(path: str | Path) -> AgentConfig:
         sources=tuple(sources),
         vault=vault,
         workers=workers,
+        download_window_mib=download_window_mib,
         log_level=log_level,
         name=agent_name,
     )

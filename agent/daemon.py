@@ -76,7 +76,9 @@ class AgentDaemon:
         self.clock = clock
         self.hostname = socket.gethostname()
         self.certs = certs if certs is not None else FileCertSource(config.tls)
-        self.channels = ChannelPool(config.coordinator, self.certs)
+        self.channels = ChannelPool(
+            config.coordinator, self.certs, config.download_window_mib * 1024 * 1024
+        )
 
     async def run(self) -> None:
         """Serve until cancelled; reconnect with jittered exponential backoff."""

@@ -36,6 +36,9 @@ def _write(tmp_path: Path, text: str) -> Path:
 def test_good_config(tmp_path: Path) -> None:
     c = load_config(_write(tmp_path, GOOD))
     assert c.state_dir == tmp_path / "state" and c.tls.ca == tmp_path / "ca.pem"
+    assert (c.workers, c.download_window_mib) == (2, 4)
+    c = load_config(_write(tmp_path, GOOD + "[performance]\ndownload_window_mib = 0\n"))
+    assert c.download_window_mib == 0  # gRPC's automatic window
     assert c.source("uploads") is not None and c.source("uploads").path == Path("/srv/uploads")  # type: ignore[union-attr]
 
 
@@ -58,6 +61,11 @@ def test_good_config(tmp_path: Path) -> None:
         ),
         (("[agent]\n", "[agent]\nstate_dri = 1\n"), "agent.state_dri", "unknown key"),
         (('cert = "a.pem"\n', ""), "tls.cert", "required"),
+        (
+            ("[agent]\n", "[performance]\ndownload_window_mib = -1\n[agent]\n"),
+            "performance.download_window_mib",
+            "at least 0",
+        ),
     ],
 )
 def test_bad_configs(tmp_path: Path, mutation: tuple[str, str], key: str, reason: str) -> None:
