@@ -90,7 +90,7 @@ def _passthrough(msg: bytes) -> bytes:
 
 # What a stream of this channel may receive ahead of the agent (a restore's downloads):
 # `[performance] download_window_mib`. gRPC's own window (BDP probing) grows with what it
-# measures; on loopback it let a 2 GB restore's agent peak at 140-200 MiB from run to run,
+# measures; on loopback it let a 2 GB restore's agent peak at 139-203 MiB from run to run,
 # against 136-141 MiB with 4 MiB, as fast (docs/performance.md §Seventh tuning pass).
 DOWNLOAD_WINDOW = 4 * 1024 * 1024
 
