@@ -68,6 +68,7 @@ STEPS = ("restore", "backup-unchanged", "backup-full")
 DEFAULT_WORKDIR = Path("/var/tmp/clawback-ab")
 PROCESSES = ("agent", "coordinator")
 _KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+_BASE_PYTHONPATH = os.environ.get("PYTHONPATH", "")  # what a variant's tree goes in front of
 
 
 class AbError(Exception):
@@ -264,10 +265,11 @@ class _Clawback:
 
 def _use_tree(tree: str | None) -> None:
     """The processes started from now on run `tree`'s code (or the installed one)."""
-    base = os.environ.get("CLAWBACK_AB_PYTHONPATH")
-    if base is None:
-        base = os.environ["CLAWBACK_AB_PYTHONPATH"] = os.environ.get("PYTHONPATH", "")
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (tree, base) if p)
+    path = os.pathsep.join(p for p in (tree, _BASE_PYTHONPATH) if p)
+    if path:
+        os.environ["PYTHONPATH"] = path
+    else:
+        os.environ.pop("PYTHONPATH", None)
 
 
 def _restore_once(
