@@ -62,6 +62,33 @@ def small_fs(tmp_path: Path) -> Iterator[Callable[[int], Path]]:
 
 
 @pytest.fixture
+def ext4_fs(tmp_path: Path) -> Iterator[Callable[[int], Path]]:
+    """Mount a loop-mounted ext4 of `size_mib` (a disk that fills up, with ext4's own
+    behaviour: delayed allocation, reserved blocks) and unmount it afterwards."""
+    mounts: list[Path] = []
+
+    def mount(size_mib: int) -> Path:
+        _require_root("an ext4 image")
+        if shutil.which("mkfs.ext4") is None:
+            pytest.fail("mkfs.ext4 is missing (Debian package e2fsprogs)", pytrace=False)
+        d = tmp_path / f"ext4-{len(mounts)}"
+        d.mkdir()
+        img = d.with_suffix(".img")
+        with open(img, "wb") as f:
+            f.truncate(size_mib << 20)
+        for argv in (["mkfs.ext4", "-q", str(img)], ["mount", "-o", "loop", str(img), str(d)]):
+            r = subprocess.run(argv, capture_output=True, text=True)
+            if r.returncode != 0:
+                pytest.fail(f"cannot {argv[0]} {img}: {r.stderr.strip()}", pytrace=False)
+        mounts.append(d)
+        return d
+
+    yield mount
+    for d in reversed(mounts):
+        subprocess.run(["umount", str(d)], check=False)
+
+
+@pytest.fixture
 def xattr_dir(tmp_path: Path) -> Iterator[Path]:
     """A directory on a filesystem with user xattrs: tmp_path if it supports them, else a loop-mounted ext4 image."""
     probe = tmp_path / ".xattr-probe"

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import re
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,13 +60,24 @@ class BatchRepo:
     batch_bytes: int = 300_000
     drop: frozenset[bytes] = frozenset()  # ids the "coordinator" never returns
     fail_after: int = -1  # batches served before the stream breaks
+    shuffle: int | None = None  # a seed: the blobs come back in a random order, not pack order
+
+    async def _blobs(self, job_id: str, ids: Sequence[bytes]) -> AsyncIterator[Blob]:
+        if self.shuffle is None:
+            async for b in self.inner.download(job_id, ids):
+                yield b
+            return
+        blobs = [b async for b in self.inner.download(job_id, ids)]
+        random.Random(self.shuffle).shuffle(blobs)
+        for b in blobs:
+            yield b
 
     async def download_batches(
         self, job_id: str, ids: Sequence[bytes]
     ) -> AsyncIterator[list[tuple[bytes, int, memoryview | None, str]]]:
         batch: list[tuple[bytes, int, memoryview | None, str]] = []
         size = served = 0
-        async for b in self.inner.download(job_id, ids):
+        async for b in self._blobs(job_id, ids):
             if b.id in self.drop:
                 continue
             batch.append(
@@ -281,3 +293,57 @@ async def test_the_plan_shares_blobs_and_skips_files_left_out(env: Env, workdir:
     assert len(env.repo.downloaded) == len(set(env.repo.downloaded))
     assert rs.uses == {} and rs.entries == {}
     assert [(rel, list(node.subtree)) for rel, node in rs.dirs] == [((), [])]
+
+
+MIB = 1024 * 1024
+
+
+def mixed_tree(src: Path) -> int:
+    """Multi-chunk files whose sizes end anywhere in a block, the same content in two files,
+    text, a sparse file with data between holes, small files; their total size in bytes."""
+    rnd = random.Random(7)
+    src.mkdir()
+    for i, size in enumerate((MIB + 1, 3 * MIB + 777, 5 * MIB - 3)):
+        (src / f"big{i}").write_bytes(rnd.randbytes(size))
+    (src / "copy").write_bytes((src / "big2").read_bytes())
+    (src / "log").write_bytes(b"".join(b"line %d of a log\n" % i for i in range(150_000)))
+    with open(src / "sparse", "wb") as f:
+        f.truncate(12 * MIB)
+        for off in (5, 3 * MIB + 1234, 9 * MIB - 77):
+            f.seek(off)
+            f.write(rnd.randbytes(300_000))
+    for i in range(20):
+        (src / f"small{i}").write_bytes(rnd.randbytes(i * 300))
+    return sum(p.stat().st_size for p in src.iterdir())
+
+
+async def test_blobs_in_any_order_restore_the_same_files(
+    env: Env, workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The coordinator streams in pack order, which after many backups is not the files'
+    order: a file's chunks may come last to first, interleaved with other files'."""
+    src = workdir / "src"
+    mixed_tree(src)
+    r = await backup(env, src)
+    monkeypatch.setattr(restore_mod, "ARENA_BYTES", 1 * MIB)  # many small groups
+    repo = BatchRepo(env.repo, batch_bytes=200_000, shuffle=3)
+    res = await restore(env, repo, r.info, workdir / "dst")
+    assert res.errors == []
+    assert compare_trees(src, workdir / "dst") == []
+
+
+async def test_a_full_target_fails_only_the_files_that_do_not_fit(
+    env: Env, workdir: Path, ext4_fs: Callable[[int], Path]
+) -> None:
+    src = workdir / "src"
+    total = mixed_tree(src)
+    r = await backup(env, src)
+    target = ext4_fs(16) / "dst"  # ~12 MiB free for ~27 MiB of files
+    res = await restore(env, BatchRepo(env.repo), r.info, target)
+    assert res.errors and all("No space left on device" in e for e in res.errors), res.errors
+    assert 0 < res.bytes < total, res
+    # What is there is whole and right; what failed is not left half-written.
+    restored = {p.name for p in target.iterdir()}
+    assert restored and len(restored) + len(res.errors) == len(list(src.iterdir()))
+    for name in restored:
+        assert (target / name).read_bytes() == (src / name).read_bytes(), name
