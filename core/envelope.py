@@ -38,6 +38,42 @@ HEADER_SIZE = HEADER.size  # 32
 TAG_SIZE = 16
 OVERHEAD = HEADER_SIZE + TAG_SIZE
 CIPHERS = {"aes256-gcm": CIPHER_AES256_GCM}
+NONCE_SIZE = 12
+NONCES_PER_DRAW = 341  # 4092 bytes of the OS's CSPRNG per getrandom call
+
+
+class _NoncePool(threading.local):
+    """Random 96-bit nonces, drawn from the OS's CSPRNG (os.urandom) NONCES_PER_DRAW at a
+    time per thread: one system call per 341 blobs instead of one per blob (a 2 GB backup
+    seals ~45k), which also spares the GIL a hand-over each time. The bytes are the same
+    kind either way; what matters is that none is used twice, so a forked child, which
+    inherits its parent's pools, starts them afresh."""
+
+    def __init__(self) -> None:
+        self.buf = b""
+        self.pos = 0
+        self.generation = -1
+
+    def take(self) -> bytes:
+        if self.pos >= len(self.buf) or self.generation != _fork_generation:
+            self.buf = os.urandom(NONCE_SIZE * NONCES_PER_DRAW)
+            self.pos = 0
+            self.generation = _fork_generation
+        nonce = self.buf[self.pos : self.pos + NONCE_SIZE]
+        self.pos += NONCE_SIZE
+        return nonce
+
+
+_fork_generation = 0
+
+
+def _forked() -> None:
+    global _fork_generation
+    _fork_generation += 1
+
+
+os.register_at_fork(after_in_child=_forked)
+_nonces = _NoncePool()
 
 
 class SealingKey:
@@ -62,7 +98,7 @@ def seal(
     """Compress (when it helps) and encrypt one blob into its envelope."""
     packed = compressor.compress(plaintext) if compressor is not None else None
     flags = FLAG_COMPRESSED if packed is not None else 0
-    nonce = os.urandom(12)
+    nonce = _nonces.take()
     header = HEADER.pack(VERSION, flags, blob_type, CIPHER_AES256_GCM, key.key_id, nonce)
     body = packed if packed is not None else plaintext
     return header + key._aead.encrypt(nonce, body, header + blob_id)
@@ -83,7 +119,7 @@ class Prepared:
         compressor: Compressor | None,
     ) -> None:
         packed = compressor.compress(plaintext) if compressor is not None else None
-        self.nonce = os.urandom(12)
+        self.nonce = _nonces.take()
         self.header = HEADER.pack(
             VERSION,
             FLAG_COMPRESSED if packed is not None else 0,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import pytest
 from hypothesis import given, settings
@@ -144,3 +145,48 @@ def test_seal_into_makes_what_seal_makes(data: bytes, btype: int, compress: bool
     assert open_(_lookup, bid, btype, env) == data
     sealed = seal(KEY, bid, btype, data, comp)
     assert len(env) == len(sealed) and env[:20] == sealed[:20]  # same header but the nonce
+
+
+def _nonce(envelope: bytes) -> bytes:
+    return envelope[HEADER_SIZE - 12 : HEADER_SIZE]
+
+
+def test_nonces_are_never_repeated_across_pools_and_threads() -> None:
+    """Nonces come from per-thread pools of the OS's CSPRNG: none repeats, within a pool,
+    across refills, or between threads sealing at once."""
+    seen: list[list[bytes]] = [[] for _ in range(3)]
+
+    def seal_many(i: int) -> None:
+        for _ in range(1000):  # ~3 pools each
+            seen[i].append(_nonce(seal(KEY, b"i" * 32, 1, b"x", None)))
+            seen[i].append(_nonce(Prepared(KEY, b"i" * 32, 1, b"x", None).header + b""))
+
+    threads = [threading.Thread(target=seal_many, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    every = [n for s in seen for n in s]
+    assert len(every) == 6000 and len(set(every)) == 6000
+
+
+def test_a_forked_child_never_reuses_its_parents_nonces() -> None:
+    """A child inherits the parent's pool; it must draw its own, or it would seal its first
+    blobs with the nonces the parent is about to use."""
+    seal(KEY, b"i" * 32, 1, b"x", None)  # the pool is drawn and partly used
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next nonces, to the parent
+        try:
+            os.write(w, b"".join(_nonce(seal(KEY, b"i" * 32, 1, b"x", None)) for _ in range(5)))
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        child = f.read()
+    os.waitpid(pid, 0)
+    parent = b"".join(_nonce(seal(KEY, b"i" * 32, 1, b"x", None)) for _ in range(5))
+    assert len(child) == 60
+    assert {child[i : i + 12] for i in range(0, 60, 12)}.isdisjoint(
+        {parent[i : i + 12] for i in range(0, 60, 12)}
+    )
