@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import resource
 import signal
 import sys
 
@@ -30,6 +31,22 @@ log = logging.getLogger("clawback.agent")
 MALLOC_ARENAS = 2
 MALLOC_MMAP_THRESHOLD = 16 * MiB
 MALLOC_TRIM_THRESHOLD = 64 * MiB
+
+
+def raise_fd_limit(cap: int = 65536) -> int:
+    """Raise the soft limit on open descriptors to the hard limit (at most `cap`), as Go's
+    runtime does for restic: a restore keeps directories open by fd (agent/restore.py sizes
+    that by this limit) and 1024, a common default, would make it reopen them. Returns the
+    soft limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = cap if hard == resource.RLIM_INFINITY else min(hard, cap)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (OSError, ValueError):
+            pass
+    return soft
 
 
 def vault_client(config: AgentConfig) -> VaultClient | None:
@@ -89,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         mmap_threshold=MALLOC_MMAP_THRESHOLD,
         trim_threshold=MALLOC_TRIM_THRESHOLD,
     )
+    raise_fd_limit()
     try:
         config = load_config(args.config)
         logging.basicConfig(

@@ -7,6 +7,9 @@ import logging
 import os
 import random
 import re
+import resource
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -347,3 +350,69 @@ async def test_a_full_target_fails_only_the_files_that_do_not_fit(
     assert restored and len(restored) + len(res.errors) == len(list(src.iterdir()))
     for name in restored:
         assert (target / name).read_bytes() == (src / name).read_bytes(), name
+
+
+async def test_each_directory_is_opened_once_whatever_the_blob_order(
+    env: Env, workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pack order visits directories in turn; the restore keeps them open rather than reopen
+    a directory (and its ancestors) for every file (MAX_IDLE_DIR_FDS)."""
+    src = workdir / "src"
+    rnd = random.Random(11)
+    dirs = [src]
+    for i in range(150):
+        d = rnd.choice(dirs) / f"d{i}"
+        d.mkdir(parents=True)
+        dirs.append(d)
+    for i in range(600):
+        (rnd.choice(dirs) / f"f{i}").write_bytes(rnd.randbytes(rnd.randrange(1, 3000)))
+    r = await backup(env, src)
+    opened: list[int] = []
+    real_open = os.open
+
+    def counting_open(path: object, flags: int, *args: object, **kw: object) -> int:
+        if flags & os.O_DIRECTORY:
+            opened.append(flags)
+        return real_open(path, flags, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", counting_open)
+    res = await restore(
+        env, BatchRepo(env.repo, batch_bytes=5_000, shuffle=2), r.info, workdir / "dst"
+    )
+    monkeypatch.undo()
+    assert res.errors == []
+    assert compare_trees(src, workdir / "dst") == []
+    # The target, each directory once to fill it, and once more each for its metadata.
+    assert len(opened) <= 1 + 2 * (len(dirs) - 1), len(opened)
+
+
+@pytest.mark.parametrize(("soft", "budget"), [(100, 64), (400, 100), (1 << 20, 4096)])
+def test_the_directory_fd_budget_follows_the_descriptor_limit(soft: int, budget: int) -> None:
+    old = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if old[1] != resource.RLIM_INFINITY and soft > old[1]:
+        soft = old[1]
+        budget = min(restore_mod.MAX_IDLE_DIR_FDS, soft // 4)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, old[1]))
+    try:
+        assert restore_mod._dir_fd_budget() == budget
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, old)
+
+
+def test_the_agent_raises_its_descriptor_limit() -> None:
+    """A soft limit of 512 (the hard one higher) is raised at start, to the hard limit or 65536."""
+    code = (
+        "import resource; from agent.main import raise_fd_limit; "
+        "print(raise_fd_limit(), resource.getrlimit(resource.RLIMIT_NOFILE)[0])"
+    )
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    want = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+    assert want > 512, "the hard limit leaves nothing to raise here"
+    out = subprocess.run(
+        ["sh", "-c", 'ulimit -S -n 512 && exec "$0" -c "$1"', sys.executable, code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).parents[2],
+    ).stdout.split()
+    assert out == [str(want), str(want)]
