@@ -157,9 +157,9 @@ def test_nonces_are_never_repeated_across_pools_and_threads() -> None:
     seen: list[list[bytes]] = [[] for _ in range(3)]
 
     def seal_many(i: int) -> None:
-        for _ in range(1000):  # ~3 pools each
+        for _ in range(1000):  # ~6 pools each
             seen[i].append(_nonce(seal(KEY, b"i" * 32, 1, b"x", None)))
-            seen[i].append(_nonce(Prepared(KEY, b"i" * 32, 1, b"x", None).header + b""))
+            seen[i].append(_nonce(Prepared(KEY, b"i" * 32, 1, b"x", None).header))
 
     threads = [threading.Thread(target=seal_many, args=(i,)) for i in range(3)]
     for t in threads:
