@@ -85,35 +85,7 @@ def ext4_fs(tmp_path: Path) -> Iterator[Callable[[int], Path]]:
 
     yield mount
     for d in reversed(mounts):
-        subprocess.run(["umount", str(d)], check=False)
-
-
-@pytest.fixture
-def xattr_dir(tmp_path: Path) -> Iterator[Path]:
-    """A directory on a filesystem with user xattrs: tmp_path if it supports them, else a loop-mounted ext4 image."""
-    probe = tmp_path / ".xattr-probe"
-    probe.write_bytes(b"")
-    try:
-        os.setxattr(probe, b"user.probe", b"1")
-        probe.unlink()
-        yield tmp_path
-        return
-    except OSError:
-        probe.unlink()
-    _require_root("an ext4 image for xattrs")
-    if shutil.which("mkfs.ext4") is None:
-        pytest.fail("mkfs.ext4 is missing (Debian package e2fsprogs)", pytrace=False)
-    img, mnt = tmp_path / "xattr.img", tmp_path / "xattr-mnt"
-    mnt.mkdir()
-    subprocess.run(["truncate", "-s", "64M", str(img)], check=True)
-    subprocess.run(["mkfs.ext4", "-q", str(img)], check=True)
-    r = subprocess.run(["mount", "-o", "loop", str(img), str(mnt)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.fail(f"cannot loop-mount an ext4 image: {r.stderr.strip()}", pytrace=False)
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+        subprocess.run(["umount", "-l", str(d)], check=False)
 
 
 from deploy.vaultdev import DevVault  # noqa: E402 - the Vault fixture's helper (no hvac import)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import subprocess
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -154,20 +153,12 @@ def _xattrs_work(path: Path) -> bool:
 
 
 @pytest.fixture
-def workdir(tmp_path: Path) -> Iterator[Path]:
+def workdir(tmp_path: Path, ext4_fs: Callable[[int], Path]) -> Path:
     """A scratch directory on a filesystem that takes user.* xattrs (a loop-mounted ext4 image if needed)."""
     base = tmp_path / "work"
     base.mkdir()
     if _xattrs_work(base):
-        yield base
-        return
+        return base
     if os.geteuid() != 0:
         pytest.skip("user xattrs unsupported here and not root to mount an ext4 image")
-    image = tmp_path / "fs.img"
-    subprocess.run(["truncate", "-s", "4G", str(image)], check=True)
-    subprocess.run(["mkfs.ext4", "-q", str(image)], check=True)
-    subprocess.run(["mount", "-o", "loop", str(image), str(base)], check=True)
-    try:
-        yield base
-    finally:
-        subprocess.run(["umount", "-l", str(base)], check=False)
+    return ext4_fs(4096)
