@@ -27,7 +27,11 @@ mind). Steps:
 - `restore`: one backup, then each measurement restores it onto a fresh file system (as
   `bench.run` does, the repository warmed first) and verifies it byte for byte;
 - `backup-unchanged`: one backup, then each measurement backs the unchanged volume up again;
-- `backup-full`: each measurement starts a fresh cluster (a fresh repository) and backs up.
+- `backup-full`: each measurement starts a fresh cluster (a fresh repository) and backs up;
+- `backup-mutated`: each measurement copies the volume (`cp -a`), starts a fresh cluster,
+  backs the copy up (untimed), applies `bench.generate.mutate` to it (the same change every
+  time: the seed is fixed) and measures the backup of the changed copy. A fresh repository
+  each time, or an earlier round's upload of the same changed data would be deduplicated.
 
 The peer (`--peer restic` or `borg`) is measured once per round, after the variants. The
 run exits non-zero when a step fails or a restore differs.
@@ -41,13 +45,14 @@ import os
 import re
 import shutil
 import statistics
+import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.generate import generate, parse_size
+from bench.generate import generate, mutate, parse_size
 from bench.run import (
     ClawbackTool,
     RestoreFs,
@@ -64,7 +69,7 @@ from bench.run import (
 )
 from bench.verify import compare_trees, summarize
 
-STEPS = ("restore", "backup-unchanged", "backup-full")
+STEPS = ("restore", "backup-unchanged", "backup-full", "backup-mutated")
 DEFAULT_WORKDIR = Path("/var/tmp/clawback-ab")
 PROCESSES = ("agent", "coordinator")
 _KEY = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -262,6 +267,11 @@ class _Clawback:
         self.tool.stop()
         self.running = None
 
+    def discard(self) -> None:
+        """Stop, and delete this cluster's repository (a 2G volume's is ~1.4 GB)."""
+        self.stop()
+        shutil.rmtree(self.workdir / f"cluster{self.starts}", ignore_errors=True)
+
 
 def _use_tree(tree: str | None) -> None:
     """The processes started from now on run `tree`'s code (or the installed one)."""
@@ -270,6 +280,25 @@ def _use_tree(tree: str | None) -> None:
         os.environ["PYTHONPATH"] = path
     else:
         os.environ.pop("PYTHONPATH", None)
+
+
+def _fresh_copy(data: Path, copy: Path) -> None:
+    """`copy` made afresh from `data` with `cp -a` (owners, modes, times, links, xattrs)."""
+    shutil.rmtree(copy, ignore_errors=True)
+    done = subprocess.run(["cp", "-a", str(data), str(copy)], capture_output=True, text=True)
+    if done.returncode:
+        raise AbError(f"copying the volume failed: {done.stderr.strip()}")
+
+
+def _changed(tool: Tool, source: Path, seed: int, size: int, name: str, rnd: int) -> Sample:
+    """Back `source` up (untimed), apply the realistic change to it, measure the next backup."""
+    warm(source)
+    first = measure(tool, "backup-full", tool.backup, size)
+    if first.error or not first.snapshot:
+        return _sample(name, rnd, first)
+    mutate(source, seed + 1)  # as bench.run does between its unchanged and mutated steps
+    warm(source)
+    return _sample(name, rnd, measure(tool, "backup-mutated", tool.backup, size))
 
 
 def _restore_once(
@@ -328,7 +357,9 @@ def run(
     shutil.rmtree(workdir / "peer", ignore_errors=True)
     nbytes = tree_bytes(data)
     samples: list[Sample] = []
-    cw = _Clawback(workdir, data, log)
+    # backup-mutated backs up a copy, changed anew for every measurement.
+    source = workdir / "mutated" if step == "backup-mutated" else data
+    cw = _Clawback(workdir, source, log)
     peer_tool: Tool | None = None
     peer_snapshot = ""
 
@@ -340,7 +371,7 @@ def run(
         log(f"round {s.round} {s.variant}: {s.wall_s:.2f} s, CPU {s.cpu_s:.2f} s{extra} {s.error}")
 
     try:
-        if step != "backup-full":
+        if step in ("restore", "backup-unchanged"):
             cw.start(variants[0])
             warm(data)
             r = measure(cw.tool, "backup-full", cw.tool.backup, nbytes)
@@ -351,7 +382,7 @@ def run(
             from bench.run import TOOLS
 
             peer_tool = TOOLS[peer]()
-            if step != "backup-full":
+            if step in ("restore", "backup-unchanged"):
                 peer_tool.start(workdir / "peer", data)
                 warm(data)
                 r = measure(peer_tool, "backup-full", peer_tool.backup, nbytes)
@@ -364,7 +395,13 @@ def run(
                     cw.start(v)
                     warm(data)
                     note(_sample(v.name, rnd, measure(cw.tool, step, cw.tool.backup, nbytes)))
-                    cw.stop()
+                    cw.discard()
+                    continue
+                if step == "backup-mutated":
+                    _fresh_copy(data, source)
+                    cw.start(v)
+                    note(_changed(cw.tool, source, seed, nbytes, v.name, rnd))
+                    cw.discard()
                     continue
                 cw.apply(v)
                 if step == "backup-unchanged":
@@ -384,7 +421,13 @@ def run(
                         )
                     )
             if peer_tool is not None:
-                if step == "backup-full":
+                if step == "backup-mutated":
+                    _fresh_copy(data, source)
+                    shutil.rmtree(workdir / "peer", ignore_errors=True)
+                    peer_tool.start(workdir / "peer", source)
+                    note(_changed(peer_tool, source, seed, nbytes, peer, rnd))
+                    peer_tool.stop()
+                elif step == "backup-full":
                     shutil.rmtree(workdir / "peer", ignore_errors=True)
                     peer_tool.start(workdir / "peer", data)
                     warm(data)

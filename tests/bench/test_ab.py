@@ -112,3 +112,18 @@ def test_two_variants_restore_alternately_verified(tmp_path: Path) -> None:
     # Started, then restarted for each change of variant: round 1 begins with the one that ran
     # last, which keeps running.
     assert log.count("coordinator listening on") == 3
+
+
+@pytest.mark.integration
+def test_mutated_step_backs_up_a_changed_copy_in_a_fresh_repository(tmp_path: Path) -> None:
+    work, out = tmp_path / "ab", tmp_path / "ab.json"
+    args = ["--variant", "base", "--step", "backup-mutated", "--rounds", "2", "--size", "12M"]
+    assert ab.main([*args, "--seed", "3", "--workdir", str(work), "--json", str(out)]) == 0
+    samples = json.loads(out.read_text())["samples"]
+    assert [(s["round"], s["error"]) for s in samples] == [(0, ""), (1, "")]
+    # Each measurement had a repository of its own, deleted after it.
+    assert not list(work.glob("cluster*"))
+    # The copy is the volume with the change applied; the volume itself is untouched.
+    changed = [p for p in (work / "mutated").rglob("*") if p.is_file() and not p.is_symlink()]
+    originals = {p.relative_to(work / "data") for p in (work / "data").rglob("*")}
+    assert any(p.relative_to(work / "mutated") not in originals for p in changed)
