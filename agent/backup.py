@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import errno
 import gc
+import hashlib
 import itertools
 import logging
 import os
@@ -51,7 +52,7 @@ from agent.tree import (
     node_from_stat,
     read_xattrs,
 )
-from core.chunker import Chunker, params
+from core.chunker import ChunkPolicy
 from core.chunkid import IdHasher
 from core.clock import SYSTEM, Clock
 from core.compression import Compressor
@@ -403,7 +404,7 @@ class _Backup:
         self.root = os.fsencode(root)
         self.workers = max(1, workers)
         self.hasher = IdHasher(keys.id_key())
-        self.chunker = Chunker(params(cfg.chunker))
+        self.chunking = ChunkPolicy(cfg)  # which chunker cuts which file
         self.compressor = Compressor(cfg.compression)
         self.owners = Owners()
         self.sealing: SealingKey | None = None
@@ -840,7 +841,7 @@ class _Backup:
                 continue
             t.files_read += 1
             try:
-                chunks = self.chunker.chunks_of_fd(fd, n.size)
+                chunks = self.chunking.for_file(f.rel).chunks_of_fd(fd, n.size)
             except BaseException:
                 os.close(fd)
                 raise
@@ -1031,7 +1032,7 @@ class _Backup:
         asked = None
         done = False
         try:
-            chunks = self.chunker.chunks_of_fd(fd, _node(f).size)
+            chunks = self.chunking.for_file(f.rel).chunks_of_fd(fd, _node(f).size)
             while not done:
                 # At most BIG_FILE_INFLIGHT batches stored at once: this one and what is left
                 # of the previous ones (and the one being asked about).
@@ -1231,7 +1232,7 @@ class _Backup:
         self.warn_later: list[str] = []
         self.phases: dict[str, float] = {}
         self.t0 = t0 = self.clock.monotonic()
-        max_envelope = max(self.chunker.params.max_size, TREE_PART_SIZE) + OVERHEAD
+        max_envelope = max(self.chunking.max_size, TREE_PART_SIZE) + OVERHEAD
         self.uploader = _Uploader(
             self.repo, self.job_id, 1 if self.workers < 2 else 2, max_envelope
         )
@@ -1313,8 +1314,12 @@ def _show(path: bytes) -> str:
 
 
 def cache_scope(cfg: RepoConfig, hasher: IdHasher) -> str:
-    """What files-cache ids are valid for: this repository, its chunker, this id key."""
-    return f"{cfg.repo_id}/{cfg.chunker}/{hasher.key_check().hex()}"
+    """What files-cache ids are valid for: this repository, its chunkers, this id key."""
+    scope = f"{cfg.repo_id}/{cfg.chunker}/{hasher.key_check().hex()}"
+    if cfg.paged_chunker and cfg.paged_files:
+        patterns = hashlib.sha256("\0".join(cfg.paged_files).encode()).hexdigest()[:16]
+        scope += f"/{cfg.paged_chunker}:{patterns}"
+    return scope
 
 
 def check_key(cfg: RepoConfig, hasher: IdHasher) -> None:

@@ -123,7 +123,7 @@ def decode_entry(value: bytes) -> Entry:
 class FilesCache:
     """path (bytes, relative to the source root) -> Entry; lookups read the old map, records build the new one.
 
-    `scope` names what the ids are valid for (repository, chunker, id key):
+    `scope` names what the ids are valid for (repository, chunkers, id key):
     a cache written under another scope is ignored. Lookups and records are
     plain dict operations, safe to call from worker threads.
     """

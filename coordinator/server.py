@@ -573,6 +573,18 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             raise errors.UsageError(f"unknown cipher {cipher!r} (known: {format.DEFAULT_CIPHER})")
         if len(request.key_check) != 16:
             raise errors.UsageError(f"key check of {len(request.key_check)} bytes (it is 16)")
+        paged = request.paged_chunker or format.DEFAULT_PAGED_CHUNKER
+        patterns: tuple[str, ...] = ()
+        if paged == "none":
+            paged = ""
+        else:
+            chunker.params(paged)  # ConfigError for an unknown name
+            try:
+                patterns = format.check_paged_files(
+                    list(request.paged_files) or list(format.DEFAULT_PAGED_FILES)
+                )
+            except ValueError as exc:
+                raise errors.UsageError(str(exc)) from None
         cfg = format.RepoConfig(
             repo_id=format.new_repo_id(),
             chunker=chunker_name,
@@ -580,6 +592,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             cipher=cipher,
             key_check=request.key_check.hex(),
             created_ns=self._clock.now_ns(),
+            paged_chunker=paged,
+            paged_files=patterns,
         )
         cfg = await asyncio.to_thread(self._store.init_repository, cfg) or cfg
         log.info("repository %s initialised by %s", cfg.repo_id, who)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fnmatch
 import mmap
 import os
+import re
 import sys
 import threading
 from collections.abc import Iterator
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 from pyfastcdc import FastCDC
 
 from core.errors import ConfigError
+from core.format import RepoConfig
 
 
 @dataclass(frozen=True)
@@ -20,6 +23,7 @@ class ChunkerParams:
     min_size: int
     avg_size: int  # pyfastcdc's parameter; its real mean is about avg + min
     max_size: int
+    fixed: bool = False  # cut every max_size bytes, whatever the content (min = avg = max)
 
 
 # design.md §Chunking. Names are stored in the repository config: never change
@@ -27,6 +31,10 @@ class ChunkerParams:
 CHUNKERS: dict[str, ChunkerParams] = {
     "fastcdc-1m": ChunkerParams("fastcdc-1m", 256 * 1024, 768 * 1024, 4 * 1024 * 1024),
     "fastcdc-256k": ChunkerParams("fastcdc-256k", 64 * 1024, 192 * 1024, 1024 * 1024),
+    # For files of fixed-size pages rewritten in place (databases): a 64 KiB grid is a
+    # multiple of every common page size (SQLite 4 KiB, PostgreSQL 8, InnoDB 16), so a
+    # changed page changes one chunk.
+    "fixed-64k": ChunkerParams("fixed-64k", 64 * 1024, 64 * 1024, 64 * 1024, fixed=True),
 }
 
 # Bytes read per call, at least twice the largest chunk: 4 MiB blocks (8 MiB for fastcdc-1m)
@@ -109,7 +117,9 @@ class Chunker:
     def __init__(self, p: ChunkerParams) -> None:
         self.params = p
         self._local = threading.local()
+        # For a fixed grid, a multiple of its size: every block then ends on a cut point.
         self.read_size = max(READ_SIZE, 2 * p.max_size)
+        assert not p.fixed or self.read_size % p.max_size == 0
         self.pool = _BlockPool()
 
     def _cdc(self) -> FastCDC:
@@ -122,6 +132,9 @@ class Chunker:
 
     def cut(self, buf: bytes | bytearray | memoryview) -> list[tuple[int, int]]:
         """(offset, length) of each chunk of `buf`, treating its end as the end of the data."""
+        if self.params.fixed:
+            step, n = self.params.max_size, len(buf)
+            return [(off, min(step, n - off)) for off in range(0, n, step)]
         return [(c.offset, c.length) for c in self._cdc().cut_buf(buf)]
 
     def chunks_of_fd(self, fd: int, size: int) -> Iterator[memoryview]:
@@ -169,8 +182,53 @@ class Chunker:
                 for off, ln in cuts:
                     yield view[off : off + ln]
                 return
+            if self.params.fixed:
+                # The block ends on a cut point (read_size is a multiple of the grid):
+                # nothing to carry.
+                for off, ln in cuts:
+                    yield view[off : off + ln]
+                continue
             # The last chunk ends at the buffer's end, not at a content-defined
             # boundary: hold it back and cut again with the next block.
             for off, ln in cuts[:-1]:
                 yield view[off : off + ln]
             carry = view[cuts[-1][0] :]
+
+
+class ChunkPolicy:
+    """Which chunker cuts which file (design.md §Paged files): the repository's `paged_chunker`
+    for files that match one of its `paged_files` patterns, its `chunker` for the rest.
+
+    A pattern without '/' matches the file's name; one with '/' matches its path from the
+    backup root with a leading '/' (`*/base/*/[0-9]*`). `*` matches across '/' as well (fnmatch,
+    case-sensitive). Names are bytes: a pattern is matched as its UTF-8 encoding.
+    """
+
+    def __init__(self, cfg: RepoConfig) -> None:
+        self.default = Chunker(params(cfg.chunker))
+        self.paged: Chunker | None = None
+        names: list[str] = []
+        paths: list[str] = []
+        if cfg.paged_chunker and cfg.paged_files:
+            self.paged = Chunker(params(cfg.paged_chunker))
+            for pat in cfg.paged_files:
+                (paths if "/" in pat else names).append(fnmatch.translate(pat))
+        self._names = _compile(names)
+        self._paths = _compile(paths)
+        self.max_size = max(c.params.max_size for c in (self.default, self.paged) if c)
+
+    def for_file(self, rel: bytes) -> Chunker:
+        """The chunker for the file at `rel` (its path from the backup root, no leading '/')."""
+        if self.paged is not None:
+            if self._names is not None and self._names.match(rel.rpartition(b"/")[2]):
+                return self.paged
+            if self._paths is not None and self._paths.match(b"/" + rel):
+                return self.paged
+        return self.default
+
+
+def _compile(regexes: list[str]) -> re.Pattern[bytes] | None:
+    if not regexes:
+        return None
+    joined = "|".join(f"(?:{r})" for r in regexes)
+    return re.compile(joined.encode("utf-8", "surrogateescape"))

@@ -27,6 +27,25 @@ DEFAULT_CHUNKER = "fastcdc-256k"
 DEFAULT_COMPRESSION = "zstd-1"
 DEFAULT_CIPHER = "aes256-gcm"
 ID_ALGORITHM = "blake3-keyed"
+# design.md §Paged files: database files are cut on a fixed grid, so a page rewritten in place
+# re-uploads one 64 KiB chunk instead of the ~350 KiB content-defined chunk around it
+# (docs/performance.md §Ninth tuning pass). Names, or paths from the backup root when the
+# pattern has a '/': SQLite, Berkeley DB and other *.db, InnoDB, WiredTiger, LMDB, PostgreSQL.
+DEFAULT_PAGED_CHUNKER = "fixed-64k"
+DEFAULT_PAGED_FILES = (
+    "*.db",
+    "*.sqlite",
+    "*.sqlite3",
+    "*.db3",
+    "*.ibd",
+    "ibdata*",
+    "*.wt",
+    "*.mdb",
+    "*/base/*/[0-9]*",
+    "*/global/[0-9]*",
+)
+MAX_PAGED_FILES = 64  # patterns in a repository config
+MAX_PATTERN_LENGTH = 255
 
 
 @dataclass(frozen=True)
@@ -42,6 +61,10 @@ class RepoConfig:
     version: int = FORMAT_VERSION
     created_ns: int = 0
     extra: dict[str, str] = field(default_factory=dict)
+    # Files matching `paged_files` are cut with `paged_chunker` instead of `chunker`
+    # (design.md §Paged files). Absent from configs written before it: no such files.
+    paged_chunker: str = ""
+    paged_files: tuple[str, ...] = ()
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True, indent=1).encode() + b"\n"
@@ -50,8 +73,11 @@ class RepoConfig:
     def from_json(cls, data: bytes) -> RepoConfig:
         try:
             raw = json.loads(data)
+            if isinstance(raw.get("paged_files"), list):
+                raw["paged_files"] = tuple(raw["paged_files"])
             cfg = cls(**raw)
-        except (ValueError, TypeError) as exc:
+            check_paged_files(cfg.paged_files)
+        except (ValueError, TypeError, AttributeError) as exc:
             raise IntegrityError(f"repository config is unreadable: {exc}") from exc
         if cfg.version != FORMAT_VERSION:
             raise IntegrityError(
@@ -62,3 +88,19 @@ class RepoConfig:
 
 def new_repo_id() -> str:
     return os.urandom(16).hex()
+
+
+def check_paged_files(patterns: object) -> tuple[str, ...]:
+    """`patterns` as a tuple if it is a valid list of paged-file patterns; ValueError says why."""
+    if not isinstance(patterns, (list, tuple)):
+        raise ValueError("paged_files must be a list of patterns")
+    if len(patterns) > MAX_PAGED_FILES:
+        raise ValueError(f"at most {MAX_PAGED_FILES} paged-file patterns ({len(patterns)} given)")
+    for p in patterns:
+        if not isinstance(p, str) or not p.strip():
+            raise ValueError(f"paged-file pattern {p!r} is empty or not text")
+        if len(p) > MAX_PATTERN_LENGTH or "\0" in p:
+            raise ValueError(
+                f"paged-file pattern {p[:40]!r}: at most {MAX_PATTERN_LENGTH} characters, no NUL"
+            )
+    return tuple(patterns)

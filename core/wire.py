@@ -264,6 +264,7 @@ def repo_config_to_wire(cfg: format.RepoConfig) -> common_pb2.RepoConfig:
     from core import chunker  # pyfastcdc: not for the CLI, which imports this module
 
     p = chunker.params(cfg.chunker)
+    paged = chunker.params(cfg.paged_chunker) if cfg.paged_chunker else None
     return common_pb2.RepoConfig(
         version=cfg.version,
         repo_id=cfg.repo_id,
@@ -277,6 +278,9 @@ def repo_config_to_wire(cfg: format.RepoConfig) -> common_pb2.RepoConfig:
         key_check=bytes.fromhex(cfg.key_check),
         max_blob_size=format.MAX_BLOB_SIZE,
         max_message_size=format.MAX_MESSAGE_SIZE,
+        paged_chunker=cfg.paged_chunker,
+        paged_files=cfg.paged_files,
+        paged_chunk_max=paged.max_size if paged else 0,
     )
 
 
@@ -290,4 +294,6 @@ def repo_config_from_wire(msg: common_pb2.RepoConfig) -> format.RepoConfig:
         id_algorithm=msg.id_algorithm,
         key_check=msg.key_check.hex(),
         version=msg.version,
+        paged_chunker=msg.paged_chunker,
+        paged_files=tuple(msg.paged_files),
     )

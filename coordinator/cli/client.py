@@ -105,10 +105,21 @@ class AdminClient:
     # -- AdminService ----------------------------------------------------------
 
     def init_repository(
-        self, key_check: bytes, chunker: str = "", compression: str = "", cipher: str = ""
+        self,
+        key_check: bytes,
+        chunker: str = "",
+        compression: str = "",
+        cipher: str = "",
+        paged_chunker: str = "",
+        paged_files: Sequence[str] = (),
     ) -> common_pb2.RepoConfig:
         req = admin_pb2.InitRepositoryRequest(
-            key_check=key_check, chunker=chunker, compression=compression, cipher=cipher
+            key_check=key_check,
+            chunker=chunker,
+            compression=compression,
+            cipher=cipher,
+            paged_chunker=paged_chunker,
+            paged_files=paged_files,
         )
         result: common_pb2.RepoConfig = self._unary("InitRepository", req)
         return result

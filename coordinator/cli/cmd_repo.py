@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from coordinator.cli.output import human_size, repo_dict
 from core import errors
@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from coordinator.cli.main import Context
 
 CHUNKERS = ("fastcdc-1m", "fastcdc-256k")
+PAGED_CHUNKERS = ("fixed-64k", "none")
 
 
 def setup(
@@ -37,10 +38,36 @@ def setup(
     init.add_argument(
         "--compression", default="", metavar="NAME", help="compression (default zstd-1)"
     )
+    init.add_argument(
+        "--paged-chunker",
+        choices=PAGED_CHUNKERS,
+        default="",
+        help="chunker for database-like files, cut on a fixed grid so that a page rewritten in "
+        "place re-uploads one chunk (default fixed-64k; none: every file content-defined)",
+    )
+    init.add_argument(
+        "--paged-files",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="a file name (or, with '/', a path from the backup root) cut with the paged "
+        "chunker; repeatable; replaces the default list (*.db, *.sqlite, PostgreSQL, InnoDB...)",
+    )
     init.set_defaults(func=run_init)
 
     info = rsubs.add_parser("info", help="show the repository config", parents=[common])
     info.set_defaults(func=run_info)
+
+
+def _choices(args: argparse.Namespace) -> dict[str, Any]:
+    if args.paged_files and args.paged_chunker == "none":
+        raise errors.UsageError("--paged-files names files for a paged chunker, and it is none")
+    return {
+        "chunker": args.chunker,
+        "compression": args.compression,
+        "paged_chunker": args.paged_chunker,
+        "paged_files": args.paged_files,
+    }
 
 
 def _refuse_existing(client: AdminClient) -> None:
@@ -56,6 +83,7 @@ def _refuse_existing(client: AdminClient) -> None:
 def run_init(ctx: Context, args: argparse.Namespace) -> int:
     from core.keys import create_key_file
 
+    choices = _choices(args)
     client = ctx.client()
     if ctx.settings.key_provider == "vault":
         return _init_with_vault(ctx, args)
@@ -63,7 +91,7 @@ def run_init(ctx: Context, args: argparse.Namespace) -> int:
     _refuse_existing(client)
     key_check = create_key_file(key_file)
     try:
-        cfg = client.init_repository(key_check, chunker=args.chunker, compression=args.compression)
+        cfg = client.init_repository(key_check, **choices)
     except errors.TransportError:
         ctx.out.note(
             f"clawback: kept {key_file}: the coordinator may have initialised the repository with it"
@@ -91,10 +119,11 @@ def _init_with_vault(ctx: Context, args: argparse.Namespace) -> int:
     coordinator, computed through a single-use grant (the operator role cannot read the key)."""
     from core import chunkid
 
+    choices = _choices(args)
     client = ctx.client()
     _refuse_existing(client)
     key_check = chunkid.key_check(ctx.key_provider().id_key())
-    cfg = client.init_repository(key_check, chunker=args.chunker, compression=args.compression)
+    cfg = client.init_repository(key_check, **choices)
     if ctx.out.json_mode:
         ctx.out.json({**repo_dict(cfg), "keys": "vault"})
         return 0
@@ -114,6 +143,12 @@ def run_info(ctx: Context, args: argparse.Namespace) -> int:
             "chunker",
             f"{cfg.chunker} (min {human_size(cfg.chunk_min)}, avg {human_size(cfg.chunk_avg)}, "
             f"max {human_size(cfg.chunk_max)})",
+        ),
+        (
+            "paged files",
+            f"{cfg.paged_chunker} for {', '.join(cfg.paged_files)}"
+            if cfg.paged_chunker
+            else "none (every file content-defined)",
         ),
         ("compression", cfg.compression),
         ("cipher", cfg.cipher),

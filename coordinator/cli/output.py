@@ -255,6 +255,9 @@ def repo_dict(r: common_pb2.RepoConfig) -> dict[str, Any]:
         "key_check": r.key_check.hex(),
         "max_blob_size": r.max_blob_size,
         "max_message_size": r.max_message_size,
+        "paged_chunker": r.paged_chunker,
+        "paged_files": list(r.paged_files),
+        "paged_chunk_max": r.paged_chunk_max,
     }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import random
 import socket
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 from agent.backup import BackupResult, run_backup
 from agent.restore import RestoreResult, run_restore
 from bench.verify import compare_trees
+from core import format
 from core.clock import ManualClock
 from core.errors import KeyMaterialError, UsageError
 from core.keys import FileKeyProvider, create_key_file
@@ -769,3 +771,31 @@ async def test_changed_large_files_are_read_before_the_walk_reaches_them(
     assert (await restore(env, r3.info, dst3)).errors == []
     assert os.readlink(dst3 / "c") == str(outside)
     assert_same_tree(src, dst3)
+
+
+async def test_database_files_cut_on_a_fixed_grid_re_upload_only_changed_pages(
+    env: Env, workdir: Path
+) -> None:
+    """design.md §Paged files: in a repository with the policy, a page rewritten in place
+    costs one 64 KiB chunk; other files are still cut by content."""
+    env.cfg = dataclasses.replace(
+        env.cfg, paged_chunker="fixed-64k", paged_files=format.DEFAULT_PAGED_FILES
+    )
+    src = workdir / "src"
+    (src / "app").mkdir(parents=True)
+    rnd = random.Random(11)
+    big, small = src / "app" / "state.db", src / "cache.sqlite"
+    big.write_bytes(rnd.randbytes(4 * 1024 * 1024 + 3000))  # stage 2's large-file path
+    small.write_bytes(rnd.randbytes(300 * 1024))  # a small-file group
+    (src / "notes.txt").write_bytes(rnd.randbytes(50 * 1024))  # below the CDC minimum
+    r1 = await backup(env, src)
+    assert r1.data_blobs_new == 65 + 5 + 1  # ceil(size / 64 KiB) for each database file
+    for db in (big, small):
+        with open(db, "r+b") as f:
+            os.pwrite(f.fileno(), rnd.randbytes(8192), 139_264)  # one 8 KiB page, in place
+    r2 = await backup(env, src, parent=r1.info.id)
+    assert r2.files_read == 2 and r2.data_blobs_new == 2
+    assert r2.progress.bytes_uploaded < 2 * 65_536 + 16_384  # two chunks and the trees
+    res = await restore(env, r2.info, workdir / "dst")
+    assert res.errors == []
+    assert_same_tree(src, workdir / "dst")

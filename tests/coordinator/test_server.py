@@ -20,7 +20,7 @@ from coordinator.cli.certs import create_dev_pki
 from coordinator.config import CoordinatorConfig, load_config
 from coordinator.main import open_store
 from coordinator.server import build_server, stop_server
-from core import tls, wire
+from core import format, tls, wire
 from core.tls import TlsFiles
 from protos.clawback.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc, common_pb2
 
@@ -710,3 +710,55 @@ async def test_the_heap_is_trimmed_when_the_last_blob_stream_closes(
     await asyncio.gather(upload(env, [blob(10)]), upload(env, [blob(11)], who="node1"))
     await asyncio.sleep(0.2)
     assert 1 <= len(trims) <= 2
+
+
+async def test_new_repositories_cut_database_files_on_a_fixed_grid(env: Env) -> None:
+    cfg = await init_repo(env)
+    assert cfg.paged_chunker == "fixed-64k" and cfg.paged_chunk_max == 64 * 1024
+    assert list(cfg.paged_files) == list(format.DEFAULT_PAGED_FILES)
+    # Stored, and sent to agents as it is.
+    again = await env.admin().GetRepository(admin_pb2.GetRepositoryRequest())
+    assert again.paged_chunker == "fixed-64k" and again.paged_files == cfg.paged_files
+    stored = env.store.config()
+    assert stored.paged_chunker == "fixed-64k"
+    assert stored.paged_files == format.DEFAULT_PAGED_FILES
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "paged_chunker", "paged_files"),
+    [
+        ({"paged_chunker": "none"}, "", []),
+        ({"paged_files": ["*.pg", "*/data/base/*"]}, "fixed-64k", ["*.pg", "*/data/base/*"]),
+    ],
+)
+async def test_paged_files_chosen_at_init(
+    env: Env, request_fields: dict[str, Any], paged_chunker: str, paged_files: list[str]
+) -> None:
+    cfg = await env.admin().InitRepository(
+        admin_pb2.InitRepositoryRequest(key_check=KEY_CHECK, **request_fields), timeout=TIMEOUT
+    )
+    assert (cfg.paged_chunker, list(cfg.paged_files)) == (paged_chunker, paged_files)
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "says"),
+    [
+        ({"paged_chunker": "fixed-3k"}, "unknown chunker 'fixed-3k'"),
+        ({"paged_files": ["*.db", " "]}, "is empty"),
+        ({"paged_files": ["x" * 300]}, "at most 255 characters"),
+    ],
+)
+async def test_bad_paged_files_refused_and_nothing_initialised(
+    env: Env, request_fields: dict[str, Any], says: str
+) -> None:
+    await expect_code(
+        env.admin().InitRepository(
+            admin_pb2.InitRepositoryRequest(key_check=KEY_CHECK, **request_fields)
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        says,
+    )
+    await expect_code(
+        env.admin().GetRepository(admin_pb2.GetRepositoryRequest()),
+        grpc.StatusCode.FAILED_PRECONDITION,
+    )

@@ -10,8 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from core.chunker import CHUNKERS, Chunker, params
+from core.chunker import CHUNKERS, ChunkPolicy, Chunker, params
 from core.errors import ConfigError
+from core.format import DEFAULT_PAGED_FILES, RepoConfig
 
 
 def _stream_cuts(c: Chunker, data: bytes) -> list[int]:
@@ -60,6 +61,30 @@ def test_reading_stops_at_stat_size() -> None:
         assert sum(len(v) for v in c.chunks_of_fd(f.fileno(), 100_000)) == 100_000
 
 
+@pytest.mark.parametrize("size", [0, 1, 65_535, 65_536, 65_537, 4 * 2**20, 9 * 2**20 + 123])
+def test_fixed_grid_cuts_every_64_kib_whatever_the_content(size: int) -> None:
+    c = Chunker(params("fixed-64k"))
+    data = random.Random(size).randbytes(size)
+    whole, rest = divmod(size, 65_536)
+    want = [65_536] * whole + ([rest] if rest else [])
+    assert [ln for _, ln in c.cut(data)] == want
+    # Streamed in 4 MiB blocks, it cuts the same; the chunks hold the file's bytes.
+    chunks = _chunks(c, data)
+    assert [len(v) for v in chunks] == want
+    assert b"".join(chunks) == data
+
+
+def test_fixed_grid_moves_with_nothing_but_the_changed_page() -> None:
+    """What the grid is for: a page rewritten in place changes exactly one chunk."""
+    c = Chunker(params("fixed-64k"))
+    before = bytearray(random.Random(5).randbytes(3 * 2**20))
+    after = bytearray(before)
+    after[1_000_000 : 1_000_000 + 8192] = os.urandom(8192)  # one 8 KiB page
+    old = [bytes(v) for v in _chunks(c, bytes(before))]
+    new = [bytes(v) for v in _chunks(c, bytes(after))]
+    assert len(old) == len(new) and sum(a != b for a, b in zip(old, new, strict=True)) == 1
+
+
 def test_unknown_chunker_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="unknown chunker"):
         params("rabin-9000")
@@ -100,3 +125,52 @@ def test_files_read_whole_keep_their_bytes_and_take_no_pool_block() -> None:
     for data, views in zip(datas, held, strict=True):
         assert b"".join(bytes(v) for v in views) == data
         assert [len(v) for v in views] == ([ln for _, ln in c.cut(data)] if data else [])
+
+
+def _policy(*patterns: str) -> ChunkPolicy:
+    return ChunkPolicy(
+        RepoConfig(repo_id="ab" * 16, paged_chunker="fixed-64k", paged_files=patterns)
+    )
+
+
+@pytest.mark.parametrize(
+    ("rel", "paged"),
+    [
+        (b"var/lib/app/main.db", True),  # a name pattern matches in any directory
+        (b"main.db", True),
+        (b"var/lib/app/main.db-journal", False),
+        (b"var/lib/app/main.dbx", False),
+        (b"srv/MAIN.DB", False),  # case-sensitive, as file names are
+        (b"var/lib/mysql/ibdata1", True),
+        (b"pg/base/16384/1259", True),  # a path pattern: from the root, '*' across '/'
+        (b"base/1/2", True),  # at the root: the leading '/' is implied
+        (b"pg/base/16384/PG_VERSION", False),
+        (b"caf\xe9/n\xffme.db", True),  # names that are not UTF-8
+        (b"a.sqlite3/notes.txt", False),  # a directory's name is not the file's
+    ],
+)
+def test_policy_cuts_matching_files_on_the_paged_chunker(rel: bytes, paged: bool) -> None:
+    policy = _policy(*DEFAULT_PAGED_FILES)
+    assert policy.for_file(rel).params.name == ("fixed-64k" if paged else "fastcdc-256k")
+    assert policy.max_size == CHUNKERS["fastcdc-256k"].max_size
+
+
+def test_policy_without_paged_files_cuts_everything_alike() -> None:
+    for cfg in (
+        RepoConfig(repo_id="ab" * 16),  # a config from before paged files
+        RepoConfig(repo_id="ab" * 16, paged_chunker="fixed-64k"),  # a chunker but no patterns
+    ):
+        policy = ChunkPolicy(cfg)
+        assert policy.paged is None and policy.for_file(b"x.db") is policy.default
+
+
+def test_policy_patterns_are_fnmatch_not_regular_expressions() -> None:
+    policy = _policy("data.(x)", "[ab]?.pg", "lit+ral")
+    assert policy.for_file(b"d/data.(x)").params.fixed
+    assert policy.for_file(b"a1.pg").params.fixed and not policy.for_file(b"c1.pg").params.fixed
+    assert policy.for_file(b"lit+ral").params.fixed and not policy.for_file(b"littral").params.fixed
+
+
+def test_policy_refuses_a_chunker_it_does_not_know() -> None:
+    with pytest.raises(ConfigError, match="unknown chunker 'fixed-3k'"):
+        ChunkPolicy(RepoConfig(repo_id="ab" * 16, paged_chunker="fixed-3k", paged_files=("*",)))

@@ -30,14 +30,22 @@ class InitRepositoryRequest(_message.Message):
     COMPRESSION_FIELD_NUMBER: _builtins.int
     CIPHER_FIELD_NUMBER: _builtins.int
     KEY_CHECK_FIELD_NUMBER: _builtins.int
+    PAGED_CHUNKER_FIELD_NUMBER: _builtins.int
+    PAGED_FILES_FIELD_NUMBER: _builtins.int
     chunker: _builtins.str
-    """"" = default "fastcdc-1m" """
+    """"" = default "fastcdc-256k" """
     compression: _builtins.str
-    """"" = default "zstd-3" """
+    """"" = default "zstd-1" """
     cipher: _builtins.str
     """"" = default "aes256-gcm" """
     key_check: _builtins.bytes
     """from the key material the CLI generated"""
+    paged_chunker: _builtins.str
+    """"" = default "fixed-64k"; "none" = no paged files"""
+    @_builtins.property
+    def paged_files(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """empty = the default patterns (design.md §Paged files)"""
+
     def __init__(
         self,
         *,
@@ -45,10 +53,12 @@ class InitRepositoryRequest(_message.Message):
         compression: _builtins.str = ...,
         cipher: _builtins.str = ...,
         key_check: _builtins.bytes = ...,
+        paged_chunker: _builtins.str = ...,
+        paged_files: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunker", b"chunker", "cipher", b"cipher", "compression", b"compression", "key_check", b"key_check"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunker", b"chunker", "cipher", b"cipher", "compression", b"compression", "key_check", b"key_check", "paged_chunker", b"paged_chunker", "paged_files", b"paged_files"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -167,6 +167,9 @@ class RepoConfig(_message.Message):
     KEY_CHECK_FIELD_NUMBER: _builtins.int
     MAX_BLOB_SIZE_FIELD_NUMBER: _builtins.int
     MAX_MESSAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGED_CHUNKER_FIELD_NUMBER: _builtins.int
+    PAGED_FILES_FIELD_NUMBER: _builtins.int
+    PAGED_CHUNK_MAX_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     """repository format version (1)"""
     repo_id: _builtins.str
@@ -187,6 +190,14 @@ class RepoConfig(_message.Message):
     max_blob_size: _builtins.int
     """largest envelope accepted, bytes"""
     max_message_size: _builtins.int
+    paged_chunker: _builtins.str
+    """Files matching one of paged_files are cut with paged_chunker (design.md §Paged files);
+    both empty: every file is cut with chunker.
+    e.g. "fixed-64k"
+    """
+    paged_chunk_max: _builtins.int
+    @_builtins.property
+    def paged_files(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
@@ -202,10 +213,13 @@ class RepoConfig(_message.Message):
         key_check: _builtins.bytes = ...,
         max_blob_size: _builtins.int = ...,
         max_message_size: _builtins.int = ...,
+        paged_chunker: _builtins.str = ...,
+        paged_files: _abc.Iterable[_builtins.str] | None = ...,
+        paged_chunk_max: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_avg", b"chunk_avg", "chunk_max", b"chunk_max", "chunk_min", b"chunk_min", "chunker", b"chunker", "cipher", b"cipher", "compression", b"compression", "id_algorithm", b"id_algorithm", "key_check", b"key_check", "max_blob_size", b"max_blob_size", "max_message_size", b"max_message_size", "repo_id", b"repo_id", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_avg", b"chunk_avg", "chunk_max", b"chunk_max", "chunk_min", b"chunk_min", "chunker", b"chunker", "cipher", b"cipher", "compression", b"compression", "id_algorithm", b"id_algorithm", "key_check", b"key_check", "max_blob_size", b"max_blob_size", "max_message_size", b"max_message_size", "paged_chunk_max", b"paged_chunk_max", "paged_chunker", b"paged_chunker", "paged_files", b"paged_files", "repo_id", b"repo_id", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
