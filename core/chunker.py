@@ -124,8 +124,10 @@ class Chunker:
             self.read_size = max(self.read_size, like.read_size)
         # For a fixed grid, a multiple of its size: every block then ends on a cut point.
         assert not p.fixed or self.read_size % p.max_size == 0
-        share = like is not None and like.read_size == self.read_size
-        self.pool = like.pool if like is not None and share else _BlockPool()
+        pool: _BlockPool | None = None
+        if like is not None and like.read_size == self.read_size:
+            pool = like.pool
+        self.pool: _BlockPool = _BlockPool() if pool is None else pool  # (empty pools are falsy)
 
     def _cdc(self) -> FastCDC:
         cdc = getattr(self._local, "cdc", None)

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from core.chunker import CHUNKERS, ChunkPolicy, Chunker, params
+from core.chunker import CHUNKERS, Chunker, ChunkPolicy, params
 from core.errors import ConfigError
 from core.format import DEFAULT_PAGED_FILES, RepoConfig
 
