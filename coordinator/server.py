@@ -92,41 +92,27 @@ async def _repo_config(store: Any) -> format.RepoConfig:
 RAW_PARSE_MIN_AVG = 16 * 1024  # mean envelope size from which parse_upload beats protobuf's
 
 
-def _first_blob_size(raw: bytes) -> int:
-    """The length of the first field of `raw` if it is a blob (UploadRequest field 2), else 0."""
-    if len(raw) < 3 or raw[0] != 0x12:  # field 2, length-delimited, as the agent writes it
-        return 0
-    try:
-        return wire.read_varint(raw, 1)[0]
-    except errors.UsageError:
-        return 0
-
-
 def _upload_blobs(raw: bytes) -> list[tuple[bytes, int, bytes | memoryview]]:
     """The (id, type, envelope) of each blob of an UploadRequest's wire bytes, validated.
 
-    Messages of large blobs are read by wire.parse_upload, whose envelopes are
-    views into `raw`. protobuf's parser copies every envelope below ~64 KiB
-    (~0.4 ms per MiB of 40 KiB blobs: the copy a database's 64 KiB chunks
-    would cost), so it is not run at all when the first blob is large. Messages
-    of many small blobs, where per-field Python costs more than the copies, are
-    read from the parsed message (by mean size, once protobuf has counted them).
+    protobuf's parser (which aliases the input) counts the blobs; reading each
+    envelope from it would copy it, so messages of large blobs are read by
+    wire.parse_upload, whose envelopes are views into `raw`. Messages of many
+    small blobs, where per-field Python costs more than the copies, are read
+    from the parsed message.
     """
-    out: list[tuple[bytes, int, bytes | memoryview]]
     try:
-        if _first_blob_size(raw) >= RAW_PARSE_MIN_AVG:
-            out = list(wire.parse_upload(raw)[1])
-        else:
-            req = agent_pb2.UploadRequest.FromString(raw)
-            n = len(req.blobs)
-            if not n:
-                return []
-            if len(raw) // n >= RAW_PARSE_MIN_AVG:
-                out = list(wire.parse_upload(raw)[1])
-            else:
-                out = [(b.id, b.type, b.envelope) for b in req.blobs]
-    except (DecodeError, errors.UsageError) as exc:
+        req = agent_pb2.UploadRequest.FromString(raw)
+    except DecodeError as exc:
         raise errors.UsageError(f"malformed UploadRequest: {exc}") from None
+    n = len(req.blobs)
+    if not n:
+        return []
+    out: list[tuple[bytes, int, bytes | memoryview]]
+    if len(raw) // n >= RAW_PARSE_MIN_AVG:
+        out = list(wire.parse_upload(raw)[1])
+    else:
+        out = [(b.id, b.type, b.envelope) for b in req.blobs]
     for bid, btype, env in out:
         if len(bid) != format.ID_SIZE:
             raise errors.UsageError(f"blob id of {len(bid)} bytes (ids are {format.ID_SIZE})")

@@ -62,11 +62,6 @@ def _read_varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
         shift += 7
 
 
-def read_varint(buf: bytes, pos: int = 0) -> tuple[int, int]:
-    """(the varint at `pos`, the position after it); UsageError if it is truncated or overlong."""
-    return _read_varint(buf, pos, len(buf))
-
-
 def _skip(buf: bytes, pos: int, end: int, wire_type: int) -> int:
     """The position after an unknown field's value (protobuf: unknown fields are ignored)."""
     if wire_type == 0:

@@ -14,7 +14,6 @@ from core.wire import (
     pack_ids,
     parse_upload,
     read_bitmap,
-    read_varint,
     status_for,
     unpack_ids,
     varint,
@@ -115,10 +114,3 @@ def test_varint_is_protobufs_encoding() -> None:
 
     for n in (0, 1, 127, 128, 300, 16383, 16384, 2**21, 2**32 + 5, 2**63 - 1):
         assert varint(n) == _VarintBytes(n), n
-
-
-def test_read_varint_reads_one_and_refuses_truncation() -> None:
-    assert read_varint(b"\x12\xff\xff\x03rest", 1) == (65535, 4)
-    assert read_varint(varint(300)) == (300, 2)
-    with pytest.raises(errors.UsageError, match="truncated or overlong"):
-        read_varint(b"\x12\xff\xff", 1)
