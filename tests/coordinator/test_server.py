@@ -645,13 +645,17 @@ async def test_failed_upload_discards_open_pack(env: Env) -> None:
 
 async def test_large_and_small_blobs_are_stored_byte_for_byte(env: Env) -> None:
     """Messages of large blobs are read from their wire bytes (wire.parse_upload), messages of
-    small ones from the parsed message: both must store exactly the envelopes sent."""
+    small ones from the parsed message (by mean size): both must store exactly the envelopes
+    sent, messages that mix the two sizes too."""
     await init_repo(env)
     big = [blob(100 + i, 300_000) for i in range(3)]
     small = [blob(200 + i, 600) for i in range(40)]
+    large_first = [blob(300, 40_000)] + [blob(301 + i, 700) for i in range(5)]
+    small_first = [blob(400, 500)] + [blob(401 + i, 40_000) for i in range(3)]
+    groups = (big, small, large_first, small_first)
 
     async def reqs() -> AsyncIterator[agent_pb2.UploadRequest]:
-        for group in (big, small):
+        for group in groups:
             yield agent_pb2.UploadRequest(
                 blobs=[
                     agent_pb2.BlobData(id=i, type=common_pb2.BLOB_TYPE_DATA, envelope=e)
@@ -660,9 +664,11 @@ async def test_large_and_small_blobs_are_stored_byte_for_byte(env: Env) -> None:
             )
 
     up = await env.agent().UploadBlobs(reqs(), timeout=TIMEOUT)
-    assert up.blobs_stored == 43 and up.bytes_stored == 3 * 300_000 + 40 * 600
-    got = {i: e for i, _, e, _ in env.store.read_blobs([i for i, _ in big + small])}
-    assert got == dict(big + small)
+    sent = [b for group in groups for b in group]
+    assert up.blobs_stored == len(sent) == 53
+    assert up.bytes_stored == sum(len(e) for _, e in sent)
+    got = {i: e for i, _, e, _ in env.store.read_blobs([i for i, _ in sent])}
+    assert got == dict(sent)
 
 
 async def test_malformed_upload_message_is_refused(env: Env) -> None:
