@@ -576,6 +576,10 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         paged = request.paged_chunker or format.DEFAULT_PAGED_CHUNKER
         patterns: tuple[str, ...] = ()
         if paged == "none":
+            if request.paged_files:
+                raise errors.UsageError(
+                    "paged_files name files for a paged chunker, and it is none"
+                )
             paged = ""
         else:
             chunker.params(paged)  # ConfigError for an unknown name

@@ -112,7 +112,8 @@ class _BlockPool:
 
 
 class Chunker:
-    """Cuts byte streams into content-defined chunks. Thread-safe (one native cutter per thread)."""
+    """Cuts byte streams into chunks: content-defined, or on a fixed grid (`params.fixed`).
+    Thread-safe (one native cutter per thread)."""
 
     def __init__(self, p: ChunkerParams, like: Chunker | None = None) -> None:
         """`like`: another chunker whose read blocks this one shares (one pool, one block
@@ -222,7 +223,7 @@ class ChunkPolicy:
                 (paths if "/" in pat else names).append(fnmatch.translate(pat))
         self._names = _compile(names)
         self._paths = _compile(paths)
-        self.max_size = max(c.params.max_size for c in (self.default, self.paged) if c)
+        self.max_size = max(c.params.max_size for c in (self.default, self.paged) if c is not None)
 
     def for_file(self, rel: bytes) -> Chunker:
         """The chunker for the file at `rel` (its path from the backup root, no leading '/')."""

@@ -752,6 +752,7 @@ async def test_paged_files_chosen_at_init(
         ({"paged_chunker": "fixed-3k"}, "unknown chunker 'fixed-3k'"),
         ({"paged_files": ["*.db", " "]}, "is empty"),
         ({"paged_files": ["x" * 300]}, "at most 255 characters"),
+        ({"paged_chunker": "none", "paged_files": ["*.db"]}, "and it is none"),
     ],
 )
 async def test_bad_paged_files_refused_and_nothing_initialised(
