@@ -34,6 +34,7 @@ import os
 import socket
 import stat
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -87,6 +88,12 @@ EARLY_LARGE_FILES = 64
 # 2G backup 197-201 -> 188 MiB (fewer multi-megabyte buffers fragmenting the heap).
 UPLOAD_BATCH = 1024 * 1024
 MAX_WARNINGS = 1000
+# design.md §Files cache: a file whose mtime or ctime is this close to the moment it was
+# opened is not recorded in the files cache ("racily clean"): a second write within the same
+# timestamp tick would leave size, mtime and ctime as they were, and the cache would vouch
+# for stale content forever. Local Linux file systems stamp with a clock that ticks every
+# 1-10 ms; FAT and some network file systems keep 1-2 s. Such a file is read again next time.
+RACY_WINDOW_NS = 2_000_000_000
 
 log = logging.getLogger("clawback.agent.backup")
 
@@ -127,6 +134,7 @@ class _Entry:
         "node",
         "ok",
         "primary",
+        "racy",
         "rel",
         "size",
         "sizes",
@@ -144,6 +152,7 @@ class _Entry:
         self.cached = False  # content ids taken from the files cache: the file was not read
         self.no_xattrs = False  # known to have no xattrs (listed, or by the files cache)
         self.primary: _Entry | None = None  # hard link: the entry whose content this one shares
+        self.racy = False  # changed just before it was opened: not for the files cache
 
 
 class _Dir(_Entry):
@@ -761,6 +770,8 @@ class _Backup:
         n.mtime_ns, n.atime_ns, n.ctime_ns = st.st_mtime_ns, st.st_atime_ns, st.st_ctime_ns
         n.inode, n.device, n.nlink = st.st_ino, st.st_dev, st.st_nlink
         n.sparse = st.st_blocks * 512 < st.st_size
+        # File times are the kernel's wall clock, not the job's clock: compared with time_ns.
+        f.racy = max(st.st_mtime_ns, st.st_ctime_ns) > time.time_ns() - RACY_WINDOW_NS
         return fd
 
     def _fail(self, t: _Tally, f: _Entry, msg: str) -> None:
@@ -813,7 +824,7 @@ class _Backup:
                 f"{_show(self.path(f))}: file shrank while being read ({stat_size} -> {size} bytes)"
             )
         n.size = size
-        if size == stat_size:
+        if size == stat_size and not f.racy:
             self.cache.record(
                 f.rel,
                 (size, n.mtime_ns, n.ctime_ns, n.inode, n.device, f.ids, f.sizes),

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from agent import backup as backup_mod
 from agent.repo import Blob, UploadStats
 from coordinator.catalog import SqliteCatalog
 from coordinator.pack import pack_path
@@ -101,6 +102,17 @@ class StoreRepo:
             b = f.read(1)
             f.seek(loc.offset + loc.length // 2)
             f.write(bytes([b[0] ^ 0xFF]))
+
+
+@pytest.fixture(autouse=True)
+def files_cache_trusts_fresh_files(
+    monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
+    """These tests write files and back them up within milliseconds; with the real racy
+    window (agent/backup.py RACY_WINDOW_NS, 2 s) none of them would go into the files cache.
+    The window is 0 here, except in tests marked `racy_window`, which test it."""
+    if request.node.get_closest_marker("racy_window") is None:
+        monkeypatch.setattr(backup_mod, "RACY_WINDOW_NS", 0)
 
 
 @dataclass

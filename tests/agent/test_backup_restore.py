@@ -799,3 +799,29 @@ async def test_database_files_cut_on_a_fixed_grid_re_upload_only_changed_pages(
     res = await restore(env, r2.info, workdir / "dst")
     assert res.errors == []
     assert_same_tree(src, workdir / "dst")
+
+
+@pytest.mark.racy_window
+async def test_files_changed_just_before_the_backup_are_read_again_next_time(
+    env: Env, workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """design.md §Files cache: a file whose times are within the racy window of its opening
+    is not recorded, since a second write in the same timestamp tick would leave its stat
+    tuple as it was. Once its times are older than the window, it is trusted as before."""
+    from agent import backup as backup_mod
+
+    window_s = 1.0
+    monkeypatch.setattr(backup_mod, "RACY_WINDOW_NS", int(window_s * 1e9))  # the real one: 2 s
+    src = workdir / "src"
+    src.mkdir()
+    (src / "counter").write_bytes(b"1" * 1000)
+    r1 = await backup(env, src)  # opened within the window of the write: not recorded
+    r2 = await backup(env, src, parent=r1.info.id)
+    assert (r1.files_read, r2.files_read) == (1, 1)  # unchanged, yet read again
+    time.sleep(window_s + 0.1)  # its times are now older than the window
+    r3 = await backup(env, src, parent=r2.info.id)
+    r4 = await backup(env, src, parent=r3.info.id)
+    assert (r3.files_read, r4.files_read) == (1, 0)  # recorded by r3, trusted by r4
+    assert r4.progress.files_unchanged == 1
+    res = await restore(env, r4.info, workdir / "dst")
+    assert res.errors == [] and (workdir / "dst" / "counter").read_bytes() == b"1" * 1000
