@@ -88,11 +88,13 @@ EARLY_LARGE_FILES = 64
 # 2G backup 197-201 -> 188 MiB (fewer multi-megabyte buffers fragmenting the heap).
 UPLOAD_BATCH = 1024 * 1024
 MAX_WARNINGS = 1000
-# design.md §Files cache: a file whose mtime or ctime is this close to the moment it was
-# opened is not recorded in the files cache ("racily clean"): a second write within the same
-# timestamp tick would leave size, mtime and ctime as they were, and the cache would vouch
-# for stale content forever. Local Linux file systems stamp with a clock that ticks every
-# 1-10 ms; FAT and some network file systems keep 1-2 s. Such a file is read again next time.
+# design.md §Files cache: a file whose ctime is this close to the moment it was opened is not
+# recorded in the files cache ("racily clean"): a second write within the same timestamp tick
+# would leave size, mtime and ctime as they were, and the cache would vouch for stale content
+# forever. Local Linux file systems stamp with a clock that ticks every 1-10 ms; FAT and some
+# network file systems keep 1-2 s. Such a file is read again next time. The ctime, not the
+# mtime: every write sets it, and nobody can set it (an mtime in the future would make a file
+# racy forever).
 RACY_WINDOW_NS = 2_000_000_000
 
 log = logging.getLogger("clawback.agent.backup")
@@ -771,7 +773,7 @@ class _Backup:
         n.inode, n.device, n.nlink = st.st_ino, st.st_dev, st.st_nlink
         n.sparse = st.st_blocks * 512 < st.st_size
         # File times are the kernel's wall clock, not the job's clock: compared with time_ns.
-        f.racy = max(st.st_mtime_ns, st.st_ctime_ns) > time.time_ns() - RACY_WINDOW_NS
+        f.racy = st.st_ctime_ns > time.time_ns() - RACY_WINDOW_NS
         return fd
 
     def _fail(self, t: _Tally, f: _Entry, msg: str) -> None:

@@ -825,3 +825,23 @@ async def test_files_changed_just_before_the_backup_are_read_again_next_time(
     assert r4.progress.files_unchanged == 1
     res = await restore(env, r4.info, workdir / "dst")
     assert res.errors == [] and (workdir / "dst" / "counter").read_bytes() == b"1" * 1000
+
+
+@pytest.mark.racy_window
+async def test_a_file_dated_in_the_future_is_still_cached(env: Env, workdir: Path) -> None:
+    """The racy window looks at the ctime, which the kernel sets: an mtime in the future (an
+    archive from a clock-skewed machine) does not keep a file out of the files cache."""
+    src = workdir / "src"
+    src.mkdir()
+    p = src / "from-the-future"
+    p.write_bytes(b"f" * 100)
+    future = time.time_ns() + 10 * 365 * 86_400 * 10**9
+    os.utime(p, ns=(future, future))
+    st = p.stat()
+    # The ctime moved with utime: wait until it is out of the window (RACY_WINDOW_NS, 2 s).
+    from agent import backup as backup_mod
+
+    time.sleep(max(0.0, (st.st_ctime_ns + backup_mod.RACY_WINDOW_NS - time.time_ns()) / 1e9) + 0.1)
+    r1 = await backup(env, src)
+    r2 = await backup(env, src, parent=r1.info.id)
+    assert (r1.files_read, r2.files_read) == (1, 0)
