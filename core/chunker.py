@@ -186,15 +186,14 @@ class Chunker:
             if not len(view):
                 return
             cuts = self.cut(view)
-            if not got or remaining <= 0:
+            end = not got or remaining <= 0
+            if end or self.params.fixed:
+                # Nothing to carry: the data ends here, or the block ends on a cut point of
+                # the fixed grid (read_size is a multiple of it).
                 for off, ln in cuts:
                     yield view[off : off + ln]
-                return
-            if self.params.fixed:
-                # The block ends on a cut point (read_size is a multiple of the grid):
-                # nothing to carry.
-                for off, ln in cuts:
-                    yield view[off : off + ln]
+                if end:
+                    return
                 continue
             # The last chunk ends at the buffer's end, not at a content-defined
             # boundary: hold it back and cut again with the next block.

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from core.errors import IntegrityError
-from core.format import DEFAULT_PAGED_FILES, RepoConfig
+from core.format import RepoConfig
 
 
 def test_config_round_trips_its_paged_files() -> None:
@@ -22,7 +22,6 @@ def test_config_written_before_paged_files_has_none() -> None:
     del old["paged_chunker"], old["paged_files"]
     cfg = RepoConfig.from_json(json.dumps(old).encode())
     assert cfg.paged_chunker == "" and cfg.paged_files == ()
-    assert DEFAULT_PAGED_FILES  # new repositories get these (InitRepository)
 
 
 @pytest.mark.parametrize(
