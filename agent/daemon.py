@@ -267,6 +267,11 @@ class AgentDaemon:
                 job_id, common_pb2.JOB_STATE_FAILED, error=f"agent has no source {b.source!r}"
             )
             return
+        if b.HasField("repo"):
+            # The config as the job started: it may have changed since the Welcome
+            # (`clawback repo set`). run_backup checks its key check against the id key as
+            # it does the Welcome's.
+            repo_cfg = wire.repo_config_from_wire(b.repo)
         session.update(job_id, common_pb2.JOB_STATE_RUNNING)
         log.info("job %s: backing up source %s (%s)", job_id, src.name, src.path)
         if not src.path.is_dir():

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from coordinator.registry import Registry
+from core import wire
 from core.clock import SYSTEM, Clock
 from core.errors import NotFound, PermissionDenied, Unavailable, UsageError
 from protos.clawback.v1 import agent_pb2, common_pb2
@@ -87,6 +88,9 @@ class JobManager:
                 or CAP_BACKUP_VOLUME not in session.capabilities
             ):
                 raise UsageError(f"agent {agent} cannot back up source {name!r} of this kind")
+        # Sent with every backup: the config may have changed since the agent's Welcome
+        # (UpdateRepository), and the next backup cuts by the new one.
+        repo = wire.repo_config_to_wire(await asyncio.to_thread(self._store.config))
         jobs = []
         for name in names:
             parent = await asyncio.to_thread(self._catalog.latest_snapshot, agent, name)
@@ -94,7 +98,10 @@ class JobManager:
             command = agent_pb2.Command(
                 job_id=info.id,
                 backup=agent_pb2.BackupCommand(
-                    source=name, parent=parent.id if parent is not None else "", tags=list(tags)
+                    source=name,
+                    parent=parent.id if parent is not None else "",
+                    tags=list(tags),
+                    repo=repo,
                 ),
             )
             jobs.append(await self._launch(_Active(info), command))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import functools
 import hmac
 import logging
@@ -79,6 +80,29 @@ def _guarded_stream(fn: G) -> G:
             await _abort_for(fn.__name__, exc, context)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _compression(name: str) -> str:
+    if name not in compression.NAMES:
+        raise errors.UsageError(
+            f"unknown compression {name!r} (known: {', '.join(compression.NAMES)})"
+        )
+    return name
+
+
+def _paged_policy(name: str, files: list[str]) -> tuple[str, tuple[str, ...]]:
+    """The config's (paged_chunker, paged_files) for a paged chunker's name ("none": no paged
+    files) and its patterns (none given: the defaults); UsageError or ConfigError says what is
+    wrong (design.md §Paged files)."""
+    if name == "none":
+        if files:
+            raise errors.UsageError("paged_files name files for a paged chunker, and it is none")
+        return "", ()
+    chunker.params(name)  # ConfigError for an unknown name
+    try:
+        return name, format.check_paged_files(files or list(format.DEFAULT_PAGED_FILES))
+    except ValueError as exc:
+        raise errors.UsageError(str(exc)) from None
 
 
 async def _repo_config(store: Any) -> format.RepoConfig:
@@ -563,32 +587,15 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         who = self._auth.admin(context)
         chunker_name = request.chunker or format.DEFAULT_CHUNKER
         chunker.params(chunker_name)  # ConfigError for an unknown name
-        comp = request.compression or format.DEFAULT_COMPRESSION
-        if comp not in compression.NAMES:
-            raise errors.UsageError(
-                f"unknown compression {comp!r} (known: {', '.join(compression.NAMES)})"
-            )
+        comp = _compression(request.compression or format.DEFAULT_COMPRESSION)
         cipher = request.cipher or format.DEFAULT_CIPHER
         if cipher != format.DEFAULT_CIPHER:
             raise errors.UsageError(f"unknown cipher {cipher!r} (known: {format.DEFAULT_CIPHER})")
         if len(request.key_check) != 16:
             raise errors.UsageError(f"key check of {len(request.key_check)} bytes (it is 16)")
-        paged = request.paged_chunker or format.DEFAULT_PAGED_CHUNKER
-        patterns: tuple[str, ...] = ()
-        if paged == "none":
-            if request.paged_files:
-                raise errors.UsageError(
-                    "paged_files name files for a paged chunker, and it is none"
-                )
-            paged = ""
-        else:
-            chunker.params(paged)  # ConfigError for an unknown name
-            try:
-                patterns = format.check_paged_files(
-                    list(request.paged_files) or list(format.DEFAULT_PAGED_FILES)
-                )
-            except ValueError as exc:
-                raise errors.UsageError(str(exc)) from None
+        paged, patterns = _paged_policy(
+            request.paged_chunker or format.DEFAULT_PAGED_CHUNKER, list(request.paged_files)
+        )
         cfg = format.RepoConfig(
             repo_id=format.new_repo_id(),
             chunker=chunker_name,
@@ -601,6 +608,62 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         )
         cfg = await asyncio.to_thread(self._store.init_repository, cfg) or cfg
         log.info("repository %s initialised by %s", cfg.repo_id, who)
+        return wire.repo_config_to_wire(cfg)
+
+    @_guarded
+    async def UpdateRepository(
+        self, request: admin_pb2.UpdateRepositoryRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.RepoConfig:
+        """design.md §Admin API: compression and the paged-file policy may change; stored
+        blobs stay valid either way (an envelope says whether it is compressed; ids do not
+        depend on where a file was cut). Backups started afterwards use the new config."""
+        who = self._auth.admin(context)
+        comp = _compression(request.compression) if request.compression else ""
+        files = list(request.paged_files)
+        paged: tuple[str, tuple[str, ...]] | None = None
+        patterns: tuple[str, ...] | None = None  # new patterns for the paged chunker there is
+        if request.paged_chunker:
+            paged = _paged_policy(request.paged_chunker, files)
+        elif files:
+            try:
+                patterns = format.check_paged_files(files)
+            except ValueError as exc:
+                raise errors.UsageError(str(exc)) from None
+        if not comp and paged is None and patterns is None:
+            raise errors.UsageError(
+                "nothing to change: give a compression, a paged chunker or paged-file patterns"
+            )
+
+        def change(cur: format.RepoConfig) -> format.RepoConfig:
+            new = cur
+            if comp:
+                new = dataclasses.replace(new, compression=comp)
+            if paged is not None:
+                new = dataclasses.replace(new, paged_chunker=paged[0], paged_files=paged[1])
+            elif patterns is not None:
+                if not cur.paged_chunker:
+                    raise errors.UsageError(
+                        "the repository cuts no files on a grid: name the paged chunker "
+                        f"({format.DEFAULT_PAGED_CHUNKER}) along with the patterns"
+                    )
+                new = dataclasses.replace(new, paged_files=patterns)
+            return new
+
+        try:
+            before = await _repo_config(self._store)
+            cfg = await asyncio.to_thread(self._store.update_config, change)
+        except errors.RepositoryMissing:
+            raise errors.RepositoryMissing(NO_REPOSITORY) from None
+        if cfg != before:
+            log.info(
+                "repository %s config changed by %s: compression %s, paged files %s",
+                cfg.repo_id,
+                who,
+                cfg.compression,
+                f"{cfg.paged_chunker} for {len(cfg.paged_files)} patterns"
+                if cfg.paged_chunker
+                else "none",
+            )
         return wire.repo_config_to_wire(cfg)
 
     @_guarded

@@ -13,7 +13,7 @@ import re
 import shutil
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 
@@ -258,17 +258,34 @@ class BlobStore:
         self._config = cfg
         return cfg
 
+    def update_config(self, change: Callable[[RepoConfig], RepoConfig]) -> RepoConfig:
+        """Rewrite `config` with `change` applied to the one stored (read afresh, not the
+        cached one), atomically; the new config. Only settings that leave stored data valid may
+        change (`change` decides which); the repository id and key check never do."""
+        with self._lock:
+            current = self._read_config()
+            new = change(current)
+            if new.repo_id != current.repo_id or new.key_check != current.key_check:
+                raise UsageError("a repository's id and key check cannot change")
+            if new != current:
+                self.backend.put(CONFIG_PATH, new.to_json())
+            self._config = new
+            return new
+
     def config(self) -> RepoConfig:
         """The repository config (cached); RepositoryMissing if not initialised."""
         if self._config is None:
-            try:
-                data = self.backend.get(CONFIG_PATH)
-            except NotFound as exc:
-                raise RepositoryMissing(
-                    f"no repository at {self.backend!r}: run `clawback repo init`"
-                ) from exc
-            self._config = RepoConfig.from_json(data)
+            self._config = self._read_config()
         return self._config
+
+    def _read_config(self) -> RepoConfig:
+        try:
+            data = self.backend.get(CONFIG_PATH)
+        except NotFound as exc:
+            raise RepositoryMissing(
+                f"no repository at {self.backend!r}: run `clawback repo init`"
+            ) from exc
+        return RepoConfig.from_json(data)
 
     # -- crash recovery ----------------------------------------------------
     def recover(self) -> RecoveryStats:

@@ -124,6 +124,15 @@ class AdminClient:
         result: common_pb2.RepoConfig = self._unary("InitRepository", req)
         return result
 
+    def update_repository(
+        self, compression: str = "", paged_chunker: str = "", paged_files: Sequence[str] = ()
+    ) -> common_pb2.RepoConfig:
+        req = admin_pb2.UpdateRepositoryRequest(
+            compression=compression, paged_chunker=paged_chunker, paged_files=paged_files
+        )
+        result: common_pb2.RepoConfig = self._unary("UpdateRepository", req)
+        return result
+
     def get_repository(self) -> common_pb2.RepoConfig:
         result: common_pb2.RepoConfig = self._unary(
             "GetRepository", admin_pb2.GetRepositoryRequest()

@@ -1,4 +1,5 @@
-"""`clawback repo init` and `clawback repo info`: create the key material and the repository, show its config."""
+"""`clawback repo init`, `info` and `set`: create the key material and the repository, show
+its config, change what may change in it."""
 
 from __future__ import annotations
 
@@ -58,12 +59,41 @@ def setup(
     info = rsubs.add_parser("info", help="show the repository config", parents=[common])
     info.set_defaults(func=run_info)
 
+    set_ = rsubs.add_parser(
+        "set",
+        help="change the compression or the paged-file policy",
+        parents=[common],
+        description="Change what may change in the repository's config; stored data stays valid. "
+        "Backups started afterwards use the new config. Changing the paged-file policy makes "
+        "every agent's next backup read all its files again (their files caches were made under "
+        "the old policy); only the chunks of files cut differently are stored anew.",
+    )
+    set_.add_argument(
+        "--compression", default="", metavar="NAME", help="compression of blobs stored from now on"
+    )
+    set_.add_argument(
+        "--paged-chunker",
+        choices=PAGED_CHUNKERS,
+        default="",
+        help="chunker for database-like files (none: every file content-defined); without "
+        "--paged-files the default patterns come with it",
+    )
+    set_.add_argument(
+        "--paged-files",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="a file name (or, with '/', a path from the backup root) cut with the paged chunker; "
+        "repeatable; replaces the repository's list",
+    )
+    set_.set_defaults(func=run_set)
+
 
 def _choices(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings `init` and `set` share (`set` has no --chunker: cuts are for good)."""
     if args.paged_files and args.paged_chunker == "none":
         raise errors.UsageError("--paged-files names files for a paged chunker, and it is none")
     return {
-        "chunker": args.chunker,
         "compression": args.compression,
         "paged_chunker": args.paged_chunker,
         "paged_files": args.paged_files,
@@ -91,7 +121,7 @@ def run_init(ctx: Context, args: argparse.Namespace) -> int:
     _refuse_existing(client)
     key_check = create_key_file(key_file)
     try:
-        cfg = client.init_repository(key_check, **choices)
+        cfg = client.init_repository(key_check, chunker=args.chunker, **choices)
     except errors.TransportError:
         ctx.out.note(
             f"clawback: kept {key_file}: the coordinator may have initialised the repository with it"
@@ -123,13 +153,57 @@ def _init_with_vault(ctx: Context, args: argparse.Namespace) -> int:
     client = ctx.client()
     _refuse_existing(client)
     key_check = chunkid.key_check(ctx.key_provider().id_key())
-    cfg = client.init_repository(key_check, **choices)
+    cfg = client.init_repository(key_check, chunker=args.chunker, **choices)
     if ctx.out.json_mode:
         ctx.out.json({**repo_dict(cfg), "keys": "vault"})
         return 0
     ctx.out.line(f"initialised repository {cfg.repo_id} at {client.address}")
     ctx.out.line("keys: Vault (transit data keys per snapshot, chunk-id key in KV)")
     return 0
+
+
+def run_set(ctx: Context, args: argparse.Namespace) -> int:
+    choices = _choices(args)
+    if not any(choices.values()):
+        raise errors.UsageError(
+            "nothing to change: give --compression, --paged-chunker or --paged-files"
+        )
+    client = ctx.client()
+    before = client.get_repository()
+    cfg = client.update_repository(**choices)
+    paged_changed = (before.paged_chunker, list(before.paged_files)) != (
+        cfg.paged_chunker,
+        list(cfg.paged_files),
+    )
+    if ctx.out.json_mode:
+        ctx.out.json({"coordinator": client.address, **repo_dict(cfg)})
+        return 0
+    changed = [
+        f"{name}: {new} (was {old})"
+        for name, old, new in (
+            ("compression", before.compression, cfg.compression),
+            ("paged files", _paged(before), _paged(cfg)),
+        )
+        if old != new
+    ]
+    if not changed:
+        ctx.out.line(f"repository {cfg.repo_id}: unchanged")
+        return 0
+    ctx.out.line(f"repository {cfg.repo_id}:")
+    for line in changed:
+        ctx.out.line(f"  {line}")
+    if paged_changed:
+        ctx.out.note(
+            "every agent's next backup reads all its files again: their files caches were made "
+            "under the old paged-file policy"
+        )
+    return 0
+
+
+def _paged(cfg: Any) -> str:
+    if not cfg.paged_chunker:
+        return "none (every file content-defined)"
+    return f"{cfg.paged_chunker} for {', '.join(cfg.paged_files)}"
 
 
 def run_info(ctx: Context, args: argparse.Namespace) -> int:
@@ -144,12 +218,7 @@ def run_info(ctx: Context, args: argparse.Namespace) -> int:
             f"{cfg.chunker} (min {human_size(cfg.chunk_min)}, avg {human_size(cfg.chunk_avg)}, "
             f"max {human_size(cfg.chunk_max)})",
         ),
-        (
-            "paged files",
-            f"{cfg.paged_chunker} for {', '.join(cfg.paged_files)}"
-            if cfg.paged_chunker
-            else "none (every file content-defined)",
-        ),
+        ("paged files", _paged(cfg)),
         ("compression", cfg.compression),
         ("cipher", cfg.cipher),
         ("id algorithm", cfg.id_algorithm),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import re
 import signal
@@ -265,6 +266,10 @@ async def test_agent_cert_cannot_use_admin_service(env: Env) -> None:
     )
     await expect_code(
         stub.InitRepository(admin_pb2.InitRepositoryRequest(key_check=KEY_CHECK)),
+        grpc.StatusCode.PERMISSION_DENIED,
+    )
+    await expect_code(
+        stub.UpdateRepository(admin_pb2.UpdateRepositoryRequest(compression="zstd-3")),
         grpc.StatusCode.PERMISSION_DENIED,
     )
 
@@ -769,3 +774,98 @@ async def test_bad_paged_files_refused_and_nothing_initialised(
         env.admin().GetRepository(admin_pb2.GetRepositoryRequest()),
         grpc.StatusCode.FAILED_PRECONDITION,
     )
+
+
+# -- changing the repository config ---------------------------------------------------------
+
+
+async def test_update_repository_changes_what_may_change(env: Env) -> None:
+    cfg = await init_repo(env)
+    before = env.store.config()
+    admin = env.admin()
+    got = await admin.UpdateRepository(
+        admin_pb2.UpdateRepositoryRequest(compression="zstd-3", paged_files=["*.pg"]),
+        timeout=TIMEOUT,
+    )
+    assert (got.compression, got.paged_chunker, list(got.paged_files)) == (
+        "zstd-3",
+        "fixed-64k",
+        ["*.pg"],
+    )
+    # Written to the repository as a whole config, everything else as it was.
+    stored = format.RepoConfig.from_json(env.store.backend.get("config"))
+    assert stored == dataclasses.replace(before, compression="zstd-3", paged_files=("*.pg",))
+    assert (got.repo_id, got.key_check, got.chunker) == (cfg.repo_id, cfg.key_check, cfg.chunker)
+    again = await admin.GetRepository(admin_pb2.GetRepositoryRequest())
+    assert again == got
+    # No paged files, then the grid again with the default patterns.
+    got = await admin.UpdateRepository(admin_pb2.UpdateRepositoryRequest(paged_chunker="none"))
+    assert (got.paged_chunker, list(got.paged_files), got.compression) == ("", [], "zstd-3")
+    got = await admin.UpdateRepository(admin_pb2.UpdateRepositoryRequest(paged_chunker="fixed-64k"))
+    assert list(got.paged_files) == list(format.DEFAULT_PAGED_FILES)
+    assert format.RepoConfig.from_json(env.store.backend.get("config")).paged_chunker == (
+        "fixed-64k"
+    )
+
+
+async def test_backups_started_after_an_update_carry_the_new_config(env: Env) -> None:
+    cfg = await init_repo(env)
+    call, welcome = await connect(env)
+    assert welcome.repo.compression == cfg.compression == "zstd-1"
+    admin = env.admin()
+    await admin.UpdateRepository(
+        admin_pb2.UpdateRepositoryRequest(compression="zstd-3", paged_chunker="none")
+    )
+    await admin.StartBackup(admin_pb2.StartBackupRequest(agent="node1", sources=["data"]))
+    msg = await asyncio.wait_for(call.read(), TIMEOUT)
+    repo = msg.command.backup.repo
+    assert (repo.repo_id, repo.compression, repo.paged_chunker) == (cfg.repo_id, "zstd-3", "")
+    assert wire.repo_config_from_wire(repo) == dataclasses.replace(
+        wire.repo_config_from_wire(welcome.repo),
+        compression="zstd-3",
+        paged_chunker="",
+        paged_files=(),
+    )
+    call.cancel()
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "says"),
+    [
+        ({}, "nothing to change"),
+        ({"compression": "lz4"}, "unknown compression 'lz4'"),
+        ({"paged_chunker": "fixed-3k"}, "unknown chunker 'fixed-3k'"),
+        ({"paged_files": ["*.db", " "]}, "is empty"),
+        ({"paged_chunker": "none", "paged_files": ["*.db"]}, "and it is none"),
+        ({"compression": "zstd-3", "paged_files": ["x" * 300]}, "at most 255 characters"),
+    ],
+)
+async def test_bad_updates_refused_and_the_config_kept(
+    env: Env, request_fields: dict[str, Any], says: str
+) -> None:
+    await init_repo(env)
+    kept = env.store.backend.get("config")
+    await expect_code(
+        env.admin().UpdateRepository(admin_pb2.UpdateRepositoryRequest(**request_fields)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        says,
+    )
+    assert env.store.backend.get("config") == kept
+    assert env.store.config() == format.RepoConfig.from_json(kept)
+
+
+async def test_patterns_alone_need_a_paged_chunker_and_a_repository(env: Env) -> None:
+    update = admin_pb2.UpdateRepositoryRequest(paged_files=["*.pg"])
+    await expect_code(
+        env.admin().UpdateRepository(update), grpc.StatusCode.FAILED_PRECONDITION, "repo init"
+    )
+    await env.admin().InitRepository(
+        admin_pb2.InitRepositoryRequest(key_check=KEY_CHECK, paged_chunker="none")
+    )
+    kept = env.store.backend.get("config")
+    await expect_code(
+        env.admin().UpdateRepository(update),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "cuts no files on a grid: name the paged chunker (fixed-64k)",
+    )
+    assert env.store.backend.get("config") == kept

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -54,6 +55,26 @@ def test_config(store: BlobStore) -> None:
         store.init_repository(cfg)
     fresh = BlobStore(store.backend, store.catalog)
     assert fresh.config() == cfg
+
+
+def test_update_config_rewrites_it_and_keeps_its_identity(store: BlobStore) -> None:
+    with pytest.raises(RepositoryMissing):
+        store.update_config(lambda c: c)
+    cfg = RepoConfig(repo_id="ab" * 16, key_check="cd" * 16)
+    store.init_repository(cfg)
+    other = BlobStore(store.backend, store.catalog)  # another reader, its config cached
+    assert other.config() == cfg
+    new = store.update_config(lambda c: dataclasses.replace(c, compression="zstd-3"))
+    assert new == dataclasses.replace(cfg, compression="zstd-3") == store.config()
+    assert BlobStore(store.backend, store.catalog).config() == new  # written
+    # Read afresh, not from a cache: a change made elsewhere is the one changed further.
+    assert other.update_config(lambda c: c) == new == other.config()
+    for identity in ({"repo_id": "ef" * 16}, {"key_check": "00" * 16}):
+        with pytest.raises(UsageError, match="cannot change"):
+            store.update_config(lambda c, f=identity: dataclasses.replace(c, **f))  # type: ignore[misc]
+    with pytest.raises(ValueError):
+        store.update_config(lambda c: (_ for _ in ()).throw(ValueError("refused")))
+    assert BlobStore(store.backend, store.catalog).config() == new == store.config()
 
 
 def test_upload_dedup_and_pack_rolling(store: BlobStore, make_blob: MakeBlob) -> None:

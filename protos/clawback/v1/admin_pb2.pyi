@@ -80,6 +80,38 @@ class GetRepositoryRequest(_message.Message):
 Global___GetRepositoryRequest: _TypeAlias = GetRepositoryRequest  # noqa: Y015
 
 @_typing.final
+class UpdateRepositoryRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMPRESSION_FIELD_NUMBER: _builtins.int
+    PAGED_CHUNKER_FIELD_NUMBER: _builtins.int
+    PAGED_FILES_FIELD_NUMBER: _builtins.int
+    compression: _builtins.str
+    """"" = unchanged"""
+    paged_chunker: _builtins.str
+    """"" = unchanged; "none" = no paged files; a name: its patterns are"""
+    @_builtins.property
+    def paged_files(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """paged_files, or the default patterns when paged_files is empty
+        without paged_chunker: replaces the patterns of the paged
+        """
+
+    def __init__(
+        self,
+        *,
+        compression: _builtins.str = ...,
+        paged_chunker: _builtins.str = ...,
+        paged_files: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compression", b"compression", "paged_chunker", b"paged_chunker", "paged_files", b"paged_files"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateRepositoryRequest: _TypeAlias = UpdateRepositoryRequest  # noqa: Y015
+
+@_typing.final
 class AgentInfo(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -46,6 +46,11 @@ class AdminServiceStub:
                 request_serializer=protos_dot_clawback_dot_v1_dot_admin__pb2.GetRepositoryRequest.SerializeToString,
                 response_deserializer=protos_dot_clawback_dot_v1_dot_common__pb2.RepoConfig.FromString,
                 _registered_method=True)
+        self.UpdateRepository = channel.unary_unary(
+                '/clawback.v1.AdminService/UpdateRepository',
+                request_serializer=protos_dot_clawback_dot_v1_dot_admin__pb2.UpdateRepositoryRequest.SerializeToString,
+                response_deserializer=protos_dot_clawback_dot_v1_dot_common__pb2.RepoConfig.FromString,
+                _registered_method=True)
         self.ListAgents = channel.unary_unary(
                 '/clawback.v1.AdminService/ListAgents',
                 request_serializer=protos_dot_clawback_dot_v1_dot_admin__pb2.ListAgentsRequest.SerializeToString,
@@ -130,6 +135,14 @@ class AdminServiceServicer:
 
     def GetRepository(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateRepository(self, request, context):
+        """Change what may change in a repository's config: compression and the paged-file policy
+        (design.md §Paged files). Backups started afterwards use the new config.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -235,6 +248,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
             'GetRepository': grpc.unary_unary_rpc_method_handler(
                     servicer.GetRepository,
                     request_deserializer=protos_dot_clawback_dot_v1_dot_admin__pb2.GetRepositoryRequest.FromString,
+                    response_serializer=protos_dot_clawback_dot_v1_dot_common__pb2.RepoConfig.SerializeToString,
+            ),
+            'UpdateRepository': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateRepository,
+                    request_deserializer=protos_dot_clawback_dot_v1_dot_admin__pb2.UpdateRepositoryRequest.FromString,
                     response_serializer=protos_dot_clawback_dot_v1_dot_common__pb2.RepoConfig.SerializeToString,
             ),
             'ListAgents': grpc.unary_unary_rpc_method_handler(
@@ -361,6 +379,33 @@ class AdminService:
             target,
             '/clawback.v1.AdminService/GetRepository',
             protos_dot_clawback_dot_v1_dot_admin__pb2.GetRepositoryRequest.SerializeToString,
+            protos_dot_clawback_dot_v1_dot_common__pb2.RepoConfig.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateRepository(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clawback.v1.AdminService/UpdateRepository',
+            protos_dot_clawback_dot_v1_dot_admin__pb2.UpdateRepositoryRequest.SerializeToString,
             protos_dot_clawback_dot_v1_dot_common__pb2.RepoConfig.FromString,
             options,
             channel_credentials,

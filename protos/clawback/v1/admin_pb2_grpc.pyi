@@ -38,6 +38,10 @@ class AdminServiceStub:
     InitRepository: _grpc.UnaryUnaryMultiCallable[_admin_pb2.InitRepositoryRequest, _common_pb2.RepoConfig]
     """Write the repository config. ALREADY_EXISTS if the repository exists."""
     GetRepository: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetRepositoryRequest, _common_pb2.RepoConfig]
+    UpdateRepository: _grpc.UnaryUnaryMultiCallable[_admin_pb2.UpdateRepositoryRequest, _common_pb2.RepoConfig]
+    """Change what may change in a repository's config: compression and the paged-file policy
+    (design.md §Paged files). Backups started afterwards use the new config.
+    """
     ListAgents: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListAgentsRequest, _admin_pb2.ListAgentsResponse]
     RevokeAgent: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RevokeAgentRequest, _admin_pb2.AgentInfo]
     StartBackup: _grpc.UnaryUnaryMultiCallable[_admin_pb2.StartBackupRequest, _admin_pb2.StartBackupResponse]
@@ -66,6 +70,10 @@ class AdminServiceAsyncStub(AdminServiceStub):
     InitRepository: _aio.UnaryUnaryMultiCallable[_admin_pb2.InitRepositoryRequest, _common_pb2.RepoConfig]  # type: ignore[assignment]
     """Write the repository config. ALREADY_EXISTS if the repository exists."""
     GetRepository: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetRepositoryRequest, _common_pb2.RepoConfig]  # type: ignore[assignment]
+    UpdateRepository: _aio.UnaryUnaryMultiCallable[_admin_pb2.UpdateRepositoryRequest, _common_pb2.RepoConfig]  # type: ignore[assignment]
+    """Change what may change in a repository's config: compression and the paged-file policy
+    (design.md §Paged files). Backups started afterwards use the new config.
+    """
     ListAgents: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListAgentsRequest, _admin_pb2.ListAgentsResponse]  # type: ignore[assignment]
     RevokeAgent: _aio.UnaryUnaryMultiCallable[_admin_pb2.RevokeAgentRequest, _admin_pb2.AgentInfo]  # type: ignore[assignment]
     StartBackup: _aio.UnaryUnaryMultiCallable[_admin_pb2.StartBackupRequest, _admin_pb2.StartBackupResponse]  # type: ignore[assignment]
@@ -103,6 +111,16 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.GetRepositoryRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_common_pb2.RepoConfig, _abc.Awaitable[_common_pb2.RepoConfig]]: ...
+
+    @_abc_1.abstractmethod
+    def UpdateRepository(
+        self,
+        request: _admin_pb2.UpdateRepositoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_common_pb2.RepoConfig, _abc.Awaitable[_common_pb2.RepoConfig]]:
+        """Change what may change in a repository's config: compression and the paged-file policy
+        (design.md §Paged files). Backups started afterwards use the new config.
+        """
 
     @_abc_1.abstractmethod
     def ListAgents(

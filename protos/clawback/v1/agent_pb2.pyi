@@ -281,6 +281,7 @@ class BackupCommand(_message.Message):
     PARENT_FIELD_NUMBER: _builtins.int
     TAGS_FIELD_NUMBER: _builtins.int
     CUT_ID_FIELD_NUMBER: _builtins.int
+    REPO_FIELD_NUMBER: _builtins.int
     source: _builtins.str
     parent: _builtins.str
     """snapshot id to record as parent, or "" """
@@ -288,6 +289,10 @@ class BackupCommand(_message.Message):
     """"cut.v1": stream the view frozen under this cut"""
     @_builtins.property
     def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def repo(self) -> _common_pb2.RepoConfig:
+        """the repository config to cut by, as it is when the job"""
+
     def __init__(
         self,
         *,
@@ -295,10 +300,11 @@ class BackupCommand(_message.Message):
         parent: _builtins.str = ...,
         tags: _abc.Iterable[_builtins.str] | None = ...,
         cut_id: _builtins.str = ...,
+        repo: _common_pb2.RepoConfig | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["repo", b"repo"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cut_id", b"cut_id", "parent", b"parent", "source", b"source", "tags", b"tags"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cut_id", b"cut_id", "parent", b"parent", "repo", b"repo", "source", b"source", "tags", b"tags"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
