@@ -854,7 +854,7 @@ class _Backup:
                 continue
             t.files_read += 1
             try:
-                chunks = self.chunking.for_file(f.rel).chunks_of_fd(fd, n.size)
+                chunks = self.chunking.for_fd(f.rel, fd, n.size).chunks_of_fd(fd, n.size)
             except BaseException:
                 os.close(fd)
                 raise
@@ -1045,7 +1045,8 @@ class _Backup:
         asked = None
         done = False
         try:
-            chunks = self.chunking.for_file(f.rel).chunks_of_fd(fd, _node(f).size)
+            size = _node(f).size
+            chunks = self.chunking.for_fd(f.rel, fd, size).chunks_of_fd(fd, size)
             while not done:
                 # At most BIG_FILE_INFLIGHT batches stored at once: this one and what is left
                 # of the previous ones (and the one being asked about).
@@ -1329,9 +1330,11 @@ def _show(path: bytes) -> str:
 def cache_scope(cfg: RepoConfig, hasher: IdHasher) -> str:
     """What files-cache ids are valid for: this repository, its chunkers, this id key."""
     scope = f"{cfg.repo_id}/{cfg.chunker}/{hasher.key_check().hex()}"
-    if cfg.paged_chunker and cfg.paged_files:
+    if cfg.paged_chunker and (cfg.paged_files or cfg.paged_formats):
         patterns = hashlib.sha256("\0".join(cfg.paged_files).encode()).hexdigest()[:16]
         scope += f"/{cfg.paged_chunker}:{patterns}"
+        if cfg.paged_formats:
+            scope += "+" + ",".join(cfg.paged_formats)
     return scope
 
 

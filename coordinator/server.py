@@ -90,17 +90,32 @@ def _compression(name: str) -> str:
     return name
 
 
-def _paged_policy(name: str, files: list[str]) -> tuple[str, tuple[str, ...]]:
-    """The config's (paged_chunker, paged_files) for a paged chunker's name ("none": no paged
-    files) and its patterns (none given: the defaults); UsageError or ConfigError says what is
-    wrong (design.md §Paged files)."""
+def _paged_policy(
+    name: str, files: list[str], formats: list[str]
+) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
+    """The config's (paged_chunker, paged_files, paged_formats) for a paged chunker's name
+    ("none": no paged files), its patterns and its formats (none given: the defaults);
+    UsageError or ConfigError says what is wrong (design.md §Paged files)."""
     if name == "none":
-        if files:
-            raise errors.UsageError("paged_files name files for a paged chunker, and it is none")
-        return "", ()
+        if files or formats:
+            raise errors.UsageError(
+                "paged_files and paged_formats name files for a paged chunker, and it is none"
+            )
+        return "", (), ()
     chunker.params(name)  # ConfigError for an unknown name
     try:
-        return name, format.check_paged_files(files or list(format.DEFAULT_PAGED_FILES))
+        patterns = format.check_paged_files(files or list(format.DEFAULT_PAGED_FILES))
+    except ValueError as exc:
+        raise errors.UsageError(str(exc)) from None
+    return name, patterns, _paged_formats(formats) if formats else format.DEFAULT_PAGED_FORMATS
+
+
+def _paged_formats(formats: list[str]) -> tuple[str, ...]:
+    """Requested paged formats: ["none"] for none."""
+    if formats == ["none"]:
+        return ()
+    try:
+        return format.check_paged_formats(formats)
     except ValueError as exc:
         raise errors.UsageError(str(exc)) from None
 
@@ -593,8 +608,10 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             raise errors.UsageError(f"unknown cipher {cipher!r} (known: {format.DEFAULT_CIPHER})")
         if len(request.key_check) != 16:
             raise errors.UsageError(f"key check of {len(request.key_check)} bytes (it is 16)")
-        paged, patterns = _paged_policy(
-            request.paged_chunker or format.DEFAULT_PAGED_CHUNKER, list(request.paged_files)
+        paged, patterns, formats = _paged_policy(
+            request.paged_chunker or format.DEFAULT_PAGED_CHUNKER,
+            list(request.paged_files),
+            list(request.paged_formats),
         )
         cfg = format.RepoConfig(
             repo_id=format.new_repo_id(),
@@ -605,6 +622,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             created_ns=self._clock.now_ns(),
             paged_chunker=paged,
             paged_files=patterns,
+            paged_formats=formats,
         )
         cfg = await asyncio.to_thread(self._store.init_repository, cfg) or cfg
         log.info("repository %s initialised by %s", cfg.repo_id, who)
@@ -614,24 +632,30 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def UpdateRepository(
         self, request: admin_pb2.UpdateRepositoryRequest, context: grpc.aio.ServicerContext
     ) -> common_pb2.RepoConfig:
-        """design.md §Admin API: compression and the paged-file policy may change; stored
-        blobs stay valid either way (an envelope says whether it is compressed; ids do not
-        depend on where a file was cut). Backups started afterwards use the new config."""
+        """design.md §Changing the config: compression and the paged-file policy may change;
+        stored blobs stay valid either way (an envelope says whether it is compressed; ids do
+        not depend on where a file was cut). Backups started afterwards use the new config."""
         who = self._auth.admin(context)
         comp = _compression(request.compression) if request.compression else ""
-        files = list(request.paged_files)
-        paged: tuple[str, tuple[str, ...]] | None = None
-        patterns: tuple[str, ...] | None = None  # new patterns for the paged chunker there is
+        files, formats = list(request.paged_files), list(request.paged_formats)
+        paged: tuple[str, tuple[str, ...], tuple[str, ...]] | None = None
+        # Without a paged chunker: new patterns or formats for the one the repository has.
+        patterns: tuple[str, ...] | None = None
+        new_formats: tuple[str, ...] | None = None
         if request.paged_chunker:
-            paged = _paged_policy(request.paged_chunker, files)
-        elif files:
-            try:
-                patterns = format.check_paged_files(files)
-            except ValueError as exc:
-                raise errors.UsageError(str(exc)) from None
-        if not comp and paged is None and patterns is None:
+            paged = _paged_policy(request.paged_chunker, files, formats)
+        else:
+            if files:
+                try:
+                    patterns = format.check_paged_files(files)
+                except ValueError as exc:
+                    raise errors.UsageError(str(exc)) from None
+            if formats:
+                new_formats = _paged_formats(formats)
+        if not comp and paged is None and patterns is None and new_formats is None:
             raise errors.UsageError(
-                "nothing to change: give a compression, a paged chunker or paged-file patterns"
+                "nothing to change: give a compression, a paged chunker, paged-file patterns "
+                "or paged formats"
             )
 
         def change(cur: format.RepoConfig) -> format.RepoConfig:
@@ -639,14 +663,19 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             if comp:
                 new = dataclasses.replace(new, compression=comp)
             if paged is not None:
-                new = dataclasses.replace(new, paged_chunker=paged[0], paged_files=paged[1])
-            elif patterns is not None:
+                new = dataclasses.replace(
+                    new, paged_chunker=paged[0], paged_files=paged[1], paged_formats=paged[2]
+                )
+            elif patterns is not None or new_formats is not None:
                 if not cur.paged_chunker:
                     raise errors.UsageError(
                         "the repository cuts no files on a grid: name the paged chunker "
-                        f"({format.DEFAULT_PAGED_CHUNKER}) along with the patterns"
+                        f"({format.DEFAULT_PAGED_CHUNKER}) along with the patterns or formats"
                     )
-                new = dataclasses.replace(new, paged_files=patterns)
+                if patterns is not None:
+                    new = dataclasses.replace(new, paged_files=patterns)
+                if new_formats is not None:
+                    new = dataclasses.replace(new, paged_formats=new_formats)
             return new
 
         try:
@@ -660,7 +689,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                 cfg.repo_id,
                 who,
                 cfg.compression,
-                f"{cfg.paged_chunker} for {len(cfg.paged_files)} patterns"
+                f"{cfg.paged_chunker} for {len(cfg.paged_files)} patterns and formats "
+                f"{','.join(cfg.paged_formats) or 'none'}"
                 if cfg.paged_chunker
                 else "none",
             )

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pyfastcdc import FastCDC
 
 from core.errors import ConfigError
-from core.format import RepoConfig
+from core.format import PAGED_FORMATS, RepoConfig
 
 
 @dataclass(frozen=True)
@@ -204,7 +204,8 @@ class Chunker:
 
 class ChunkPolicy:
     """Which chunker cuts which file (design.md §Paged files): the repository's `paged_chunker`
-    for files that match one of its `paged_files` patterns, its `chunker` for the rest.
+    for files that match one of its `paged_files` patterns or start as one of its
+    `paged_formats`, its `chunker` for the rest.
 
     A pattern without '/' matches the file's name; one with '/' matches its path from the
     backup root with a leading '/' (`*/base/*/[0-9]*`). `*` matches across '/' as well (fnmatch,
@@ -216,22 +217,51 @@ class ChunkPolicy:
         self.paged: Chunker | None = None
         names: list[str] = []
         paths: list[str] = []
-        if cfg.paged_chunker and cfg.paged_files:
+        self._formats: list[tuple[int, bytes]] = []
+        if cfg.paged_chunker and (cfg.paged_files or cfg.paged_formats):
             self.paged = Chunker(params(cfg.paged_chunker), like=self.default)
             for pat in cfg.paged_files:
                 (paths if "/" in pat else names).append(fnmatch.translate(pat))
+            for name in cfg.paged_formats:
+                if name not in PAGED_FORMATS:
+                    raise ConfigError(
+                        "repository config",
+                        "paged_formats",
+                        f"unknown paged format {name!r} (this agent knows "
+                        f"{', '.join(sorted(PAGED_FORMATS))}): upgrade the agent",
+                    )
+                self._formats.append(PAGED_FORMATS[name])
         self._names = _compile(names)
         self._paths = _compile(paths)
+        self._sniff = max((off + len(sig) for off, sig in self._formats), default=0)
         self.max_size = max(c.params.max_size for c in (self.default, self.paged) if c is not None)
 
     def for_file(self, rel: bytes) -> Chunker:
-        """The chunker for the file at `rel` (its path from the backup root, no leading '/')."""
+        """The chunker for the file at `rel` (its path from the backup root, no leading '/'),
+        by its name alone."""
         if self.paged is not None:
             if self._names is not None and self._names.match(rel.rpartition(b"/")[2]):
                 return self.paged
             if self._paths is not None and self._paths.match(b"/" + rel):
                 return self.paged
         return self.default
+
+    def for_fd(self, rel: bytes, fd: int, size: int) -> Chunker:
+        """The chunker for the open file at `rel` of `size` bytes: by its name, else by its
+        first bytes. Only a file larger than one paged chunk is looked into: a smaller one is
+        a single chunk with either chunker (design.md §Paged files)."""
+        chunker = self.for_file(rel)
+        if self._sniff and chunker is self.default:
+            assert self.paged is not None
+            if size > self.paged.params.max_size:
+                try:
+                    head = os.pread(fd, self._sniff, 0)
+                except OSError:
+                    return chunker  # reading the file will fail and say why
+                for off, sig in self._formats:
+                    if head[off : off + len(sig)] == sig:
+                        return self.paged
+        return chunker
 
 
 def _compile(regexes: list[str]) -> re.Pattern[bytes] | None:

@@ -44,6 +44,15 @@ DEFAULT_PAGED_FILES = (
     "*/base/*/[0-9]*",
     "*/global/[0-9]*",
 )
+# design.md §Paged files: formats recognised by their first bytes, whatever the file's name:
+# name -> (offset, signature). Names are stored in repository configs: never change an entry.
+PAGED_FORMATS: dict[str, tuple[int, bytes]] = {
+    "sqlite3": (0, b"SQLite format 3\x00"),
+    # bbolt (etcd, Consul, Vault's raft storage...): the meta page's magic 0xED0CDAED and
+    # version 2, little-endian, after its 16-byte page header.
+    "bbolt": (16, b"\xed\xda\x0c\xed\x02\x00\x00\x00"),
+}
+DEFAULT_PAGED_FORMATS = ("sqlite3", "bbolt")
 MAX_PAGED_FILES = 64  # patterns in a repository config
 MAX_PATTERN_LENGTH = 255
 
@@ -65,6 +74,8 @@ class RepoConfig:
     # (design.md §Paged files). Absent from configs written before it: no such files.
     paged_chunker: str = ""
     paged_files: tuple[str, ...] = ()
+    # Files in one of these formats (PAGED_FORMATS) are cut with `paged_chunker` too.
+    paged_formats: tuple[str, ...] = ()
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True, indent=1).encode() + b"\n"
@@ -73,10 +84,15 @@ class RepoConfig:
     def from_json(cls, data: bytes) -> RepoConfig:
         try:
             raw = json.loads(data)
-            if isinstance(raw.get("paged_files"), list):
-                raw["paged_files"] = tuple(raw["paged_files"])
+            for name in ("paged_files", "paged_formats"):
+                if isinstance(raw.get(name), list):
+                    raw[name] = tuple(raw[name])
             cfg = cls(**raw)
             check_paged_files(cfg.paged_files)
+            if not isinstance(cfg.paged_formats, tuple) or not all(
+                isinstance(f, str) for f in cfg.paged_formats
+            ):
+                raise ValueError("paged_formats must be a list of names")
         except (ValueError, TypeError, AttributeError) as exc:
             raise IntegrityError(f"repository config is unreadable: {exc}") from exc
         if cfg.version != FORMAT_VERSION:
@@ -104,3 +120,17 @@ def check_paged_files(patterns: object) -> tuple[str, ...]:
                 f"paged-file pattern {p[:40]!r}: at most {MAX_PATTERN_LENGTH} characters, no NUL"
             )
     return tuple(patterns)
+
+
+def check_paged_formats(names: object) -> tuple[str, ...]:
+    """`names` as a tuple if each is a format of PAGED_FORMATS (once); ValueError says why."""
+    if not isinstance(names, (list, tuple)):
+        raise ValueError("paged_formats must be a list of names")
+    for n in names:
+        if n not in PAGED_FORMATS:
+            raise ValueError(
+                f"unknown paged format {n!r} (known: {', '.join(sorted(PAGED_FORMATS))})"
+            )
+    if len(set(names)) != len(names):
+        raise ValueError("a paged format is named twice")
+    return tuple(names)

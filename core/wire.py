@@ -281,6 +281,7 @@ def repo_config_to_wire(cfg: format.RepoConfig) -> common_pb2.RepoConfig:
         paged_chunker=cfg.paged_chunker,
         paged_files=cfg.paged_files,
         paged_chunk_max=paged.max_size if paged else 0,
+        paged_formats=cfg.paged_formats,
     )
 
 
@@ -296,4 +297,5 @@ def repo_config_from_wire(msg: common_pb2.RepoConfig) -> format.RepoConfig:
         version=msg.version,
         paged_chunker=msg.paged_chunker,
         paged_files=tuple(msg.paged_files),
+        paged_formats=tuple(msg.paged_formats),
     )

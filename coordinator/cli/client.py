@@ -112,6 +112,7 @@ class AdminClient:
         cipher: str = "",
         paged_chunker: str = "",
         paged_files: Sequence[str] = (),
+        paged_formats: Sequence[str] = (),
     ) -> common_pb2.RepoConfig:
         req = admin_pb2.InitRepositoryRequest(
             key_check=key_check,
@@ -120,15 +121,23 @@ class AdminClient:
             cipher=cipher,
             paged_chunker=paged_chunker,
             paged_files=paged_files,
+            paged_formats=paged_formats,
         )
         result: common_pb2.RepoConfig = self._unary("InitRepository", req)
         return result
 
     def update_repository(
-        self, compression: str = "", paged_chunker: str = "", paged_files: Sequence[str] = ()
+        self,
+        compression: str = "",
+        paged_chunker: str = "",
+        paged_files: Sequence[str] = (),
+        paged_formats: Sequence[str] = (),
     ) -> common_pb2.RepoConfig:
         req = admin_pb2.UpdateRepositoryRequest(
-            compression=compression, paged_chunker=paged_chunker, paged_files=paged_files
+            compression=compression,
+            paged_chunker=paged_chunker,
+            paged_files=paged_files,
+            paged_formats=paged_formats,
         )
         result: common_pb2.RepoConfig = self._unary("UpdateRepository", req)
         return result

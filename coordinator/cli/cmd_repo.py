@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
 CHUNKERS = ("fastcdc-1m", "fastcdc-256k")
 PAGED_CHUNKERS = ("fixed-64k", "none")
+PAGED_FORMATS = ("sqlite3", "bbolt", "none")
 
 
 def setup(
@@ -54,6 +55,15 @@ def setup(
         help="a file name (or, with '/', a path from the backup root) cut with the paged "
         "chunker; repeatable; replaces the default list (*.db, *.sqlite, PostgreSQL, InnoDB...)",
     )
+    init.add_argument(
+        "--paged-formats",
+        action="append",
+        default=[],
+        choices=PAGED_FORMATS,
+        metavar="FORMAT",
+        help="files of this format (sqlite3, bbolt) are cut with the paged chunker whatever "
+        "their names; repeatable; default both; none: by name only",
+    )
     init.set_defaults(func=run_init)
 
     info = rsubs.add_parser("info", help="show the repository config", parents=[common])
@@ -86,17 +96,31 @@ def setup(
         help="a file name (or, with '/', a path from the backup root) cut with the paged chunker; "
         "repeatable; replaces the repository's list",
     )
+    set_.add_argument(
+        "--paged-formats",
+        action="append",
+        default=[],
+        choices=PAGED_FORMATS,
+        metavar="FORMAT",
+        help="files of this format (sqlite3, bbolt) are cut with the paged chunker whatever "
+        "their names; repeatable; replaces the repository's list; none: by name only",
+    )
     set_.set_defaults(func=run_set)
 
 
 def _choices(args: argparse.Namespace) -> dict[str, Any]:
     """The settings `init` and `set` share (`set` has no --chunker: cuts are for good)."""
-    if args.paged_files and args.paged_chunker == "none":
-        raise errors.UsageError("--paged-files names files for a paged chunker, and it is none")
+    if (args.paged_files or args.paged_formats) and args.paged_chunker == "none":
+        raise errors.UsageError(
+            "--paged-files and --paged-formats name files for a paged chunker, and it is none"
+        )
+    if "none" in args.paged_formats and len(args.paged_formats) > 1:
+        raise errors.UsageError("--paged-formats none stands alone")
     return {
         "compression": args.compression,
         "paged_chunker": args.paged_chunker,
         "paged_files": args.paged_files,
+        "paged_formats": args.paged_formats,
     }
 
 
@@ -166,15 +190,13 @@ def run_set(ctx: Context, args: argparse.Namespace) -> int:
     choices = _choices(args)
     if not any(choices.values()):
         raise errors.UsageError(
-            "nothing to change: give --compression, --paged-chunker or --paged-files"
+            "nothing to change: give --compression, --paged-chunker, --paged-files or "
+            "--paged-formats"
         )
     client = ctx.client()
     before = client.get_repository()
     cfg = client.update_repository(**choices)
-    paged_changed = (before.paged_chunker, list(before.paged_files)) != (
-        cfg.paged_chunker,
-        list(cfg.paged_files),
-    )
+    paged_changed = _paged(before) != _paged(cfg)
     if ctx.out.json_mode:
         ctx.out.json({"coordinator": client.address, **repo_dict(cfg)})
         return 0
@@ -203,7 +225,9 @@ def run_set(ctx: Context, args: argparse.Namespace) -> int:
 def _paged(cfg: Any) -> str:
     if not cfg.paged_chunker:
         return "none (every file content-defined)"
-    return f"{cfg.paged_chunker} for {', '.join(cfg.paged_files)}"
+    by_name = ", ".join(cfg.paged_files) or "no names"
+    by_format = ", ".join(cfg.paged_formats) or "none"
+    return f"{cfg.paged_chunker} for {by_name}; formats {by_format}"
 
 
 def run_info(ctx: Context, args: argparse.Namespace) -> int:

@@ -258,6 +258,7 @@ def repo_dict(r: common_pb2.RepoConfig) -> dict[str, Any]:
         "paged_chunker": r.paged_chunker,
         "paged_files": list(r.paged_files),
         "paged_chunk_max": r.paged_chunk_max,
+        "paged_formats": list(r.paged_formats),
     }
 
 

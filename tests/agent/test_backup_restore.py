@@ -20,6 +20,7 @@ from agent.backup import BackupResult, run_backup
 from agent.restore import RestoreResult, run_restore
 from bench.verify import compare_trees
 from core import format
+from core.chunker import Chunker, params
 from core.clock import ManualClock
 from core.errors import KeyMaterialError, UsageError
 from core.keys import FileKeyProvider, create_key_file
@@ -796,6 +797,43 @@ async def test_database_files_cut_on_a_fixed_grid_re_upload_only_changed_pages(
     r2 = await backup(env, src, parent=r1.info.id)
     assert r2.files_read == 2 and r2.data_blobs_new == 2
     assert r2.progress.bytes_uploaded < 2 * 65_536 + 16_384  # two chunks and the trees
+    res = await restore(env, r2.info, workdir / "dst")
+    assert res.errors == []
+    assert_same_tree(src, workdir / "dst")
+
+
+async def test_database_files_recognised_by_their_first_bytes_whatever_their_names(
+    env: Env, workdir: Path
+) -> None:
+    """design.md §Paged files: a SQLite file called `History` and etcd's bbolt file `db` are cut
+    on the grid by their headers; a file of the same bytes but another header is not."""
+    env.cfg = dataclasses.replace(
+        env.cfg,
+        paged_chunker="fixed-64k",
+        paged_files=format.DEFAULT_PAGED_FILES,
+        paged_formats=format.DEFAULT_PAGED_FORMATS,
+    )
+    src = workdir / "src"
+    (src / "member" / "snap").mkdir(parents=True)
+    rnd = random.Random(12)
+    body = rnd.randbytes(4 * 1024 * 1024)
+    sqlite = src / "History"  # a small-file group
+    sqlite.write_bytes(b"SQLite format 3\x00" + body[: 300 * 1024])
+    bolt = src / "member" / "snap" / "db"  # stage 2's large-file path
+    bolt.write_bytes(bytes(16) + b"\xed\xda\x0c\xed\x02\x00\x00\x00" + body + b"tail")
+    other = src / "blob"  # content-defined: a header of no known format
+    other.write_bytes(b"SQLite format 2\x00" + body[: 300 * 1024])
+    r1 = await backup(env, src)
+    with open(other, "rb") as f:
+        by_content = len(list(Chunker(params("fastcdc-256k")).chunks_of_fd(f.fileno(), 307_216)))
+    grid = -(-sqlite.stat().st_size // 65_536) + -(-bolt.stat().st_size // 65_536)
+    assert (grid, by_content) == (5 + 65, 2)
+    assert r1.data_blobs_new == grid + by_content
+    for path in (sqlite, bolt, other):
+        with open(path, "r+b") as f:
+            os.pwrite(f.fileno(), rnd.randbytes(4096), 139_264)  # one 4 KiB page, in place
+    r2 = await backup(env, src, parent=r1.info.id)
+    assert r2.files_read == 3 and r2.data_blobs_new == 3  # one chunk changed in each
     res = await restore(env, r2.info, workdir / "dst")
     assert res.errors == []
     assert_same_tree(src, workdir / "dst")

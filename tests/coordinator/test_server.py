@@ -727,28 +727,45 @@ async def test_new_repositories_cut_database_files_on_a_fixed_grid(env: Env) -> 
     cfg = await init_repo(env)
     assert cfg.paged_chunker == "fixed-64k" and cfg.paged_chunk_max == 64 * 1024
     assert list(cfg.paged_files) == list(format.DEFAULT_PAGED_FILES)
+    assert list(cfg.paged_formats) == ["sqlite3", "bbolt"]
     # Stored, and sent to agents as it is.
     again = await env.admin().GetRepository(admin_pb2.GetRepositoryRequest())
     assert again.paged_chunker == "fixed-64k" and again.paged_files == cfg.paged_files
     stored = env.store.config()
     assert stored.paged_chunker == "fixed-64k"
     assert stored.paged_files == format.DEFAULT_PAGED_FILES
+    assert stored.paged_formats == format.DEFAULT_PAGED_FORMATS
 
 
 @pytest.mark.parametrize(
-    ("request_fields", "paged_chunker", "paged_files"),
+    ("request_fields", "paged_chunker", "paged_files", "paged_formats"),
     [
-        ({"paged_chunker": "none"}, "", []),
-        ({"paged_files": ["*.pg", "*/data/base/*"]}, "fixed-64k", ["*.pg", "*/data/base/*"]),
+        ({"paged_chunker": "none"}, "", [], []),
+        (
+            {"paged_files": ["*.pg", "*/data/base/*"]},
+            "fixed-64k",
+            ["*.pg", "*/data/base/*"],
+            ["sqlite3", "bbolt"],
+        ),
+        ({"paged_formats": ["none"]}, "fixed-64k", list(format.DEFAULT_PAGED_FILES), []),
+        ({"paged_formats": ["bbolt"]}, "fixed-64k", list(format.DEFAULT_PAGED_FILES), ["bbolt"]),
     ],
 )
 async def test_paged_files_chosen_at_init(
-    env: Env, request_fields: dict[str, Any], paged_chunker: str, paged_files: list[str]
+    env: Env,
+    request_fields: dict[str, Any],
+    paged_chunker: str,
+    paged_files: list[str],
+    paged_formats: list[str],
 ) -> None:
     cfg = await env.admin().InitRepository(
         admin_pb2.InitRepositoryRequest(key_check=KEY_CHECK, **request_fields), timeout=TIMEOUT
     )
-    assert (cfg.paged_chunker, list(cfg.paged_files)) == (paged_chunker, paged_files)
+    assert (cfg.paged_chunker, list(cfg.paged_files), list(cfg.paged_formats)) == (
+        paged_chunker,
+        paged_files,
+        paged_formats,
+    )
 
 
 @pytest.mark.parametrize(
@@ -758,6 +775,10 @@ async def test_paged_files_chosen_at_init(
         ({"paged_files": ["*.db", " "]}, "is empty"),
         ({"paged_files": ["x" * 300]}, "at most 255 characters"),
         ({"paged_chunker": "none", "paged_files": ["*.db"]}, "and it is none"),
+        ({"paged_chunker": "none", "paged_formats": ["sqlite3"]}, "and it is none"),
+        ({"paged_formats": ["lmdb"]}, "unknown paged format 'lmdb' (known: bbolt, sqlite3)"),
+        ({"paged_formats": ["sqlite3", "sqlite3"]}, "named twice"),
+        ({"paged_formats": ["none", "sqlite3"]}, "unknown paged format 'none'"),
     ],
 )
 async def test_bad_paged_files_refused_and_nothing_initialised(
@@ -803,9 +824,19 @@ async def test_update_repository_changes_what_may_change(env: Env) -> None:
     assert (got.paged_chunker, list(got.paged_files), got.compression) == ("", [], "zstd-3")
     got = await admin.UpdateRepository(admin_pb2.UpdateRepositoryRequest(paged_chunker="fixed-64k"))
     assert list(got.paged_files) == list(format.DEFAULT_PAGED_FILES)
+    assert list(got.paged_formats) == list(format.DEFAULT_PAGED_FORMATS)
     assert format.RepoConfig.from_json(env.store.backend.get("config")).paged_chunker == (
         "fixed-64k"
     )
+    # Formats alone: replaced, the patterns kept; none.
+    got = await admin.UpdateRepository(admin_pb2.UpdateRepositoryRequest(paged_formats=["bbolt"]))
+    assert (list(got.paged_files), list(got.paged_formats)) == (
+        list(format.DEFAULT_PAGED_FILES),
+        ["bbolt"],
+    )
+    got = await admin.UpdateRepository(admin_pb2.UpdateRepositoryRequest(paged_formats=["none"]))
+    assert list(got.paged_formats) == [] and got.paged_chunker == "fixed-64k"
+    assert format.RepoConfig.from_json(env.store.backend.get("config")).paged_formats == ()
 
 
 async def test_backups_started_after_an_update_carry_the_new_config(env: Env) -> None:
@@ -825,6 +856,7 @@ async def test_backups_started_after_an_update_carry_the_new_config(env: Env) ->
         compression="zstd-3",
         paged_chunker="",
         paged_files=(),
+        paged_formats=(),
     )
     call.cancel()
 
@@ -838,6 +870,8 @@ async def test_backups_started_after_an_update_carry_the_new_config(env: Env) ->
         ({"paged_files": ["*.db", " "]}, "is empty"),
         ({"paged_chunker": "none", "paged_files": ["*.db"]}, "and it is none"),
         ({"compression": "zstd-3", "paged_files": ["x" * 300]}, "at most 255 characters"),
+        ({"paged_formats": ["lmdb"]}, "unknown paged format 'lmdb'"),
+        ({"paged_chunker": "none", "paged_formats": ["sqlite3"]}, "and it is none"),
     ],
 )
 async def test_bad_updates_refused_and_the_config_kept(
@@ -863,9 +897,10 @@ async def test_patterns_alone_need_a_paged_chunker_and_a_repository(env: Env) ->
         admin_pb2.InitRepositoryRequest(key_check=KEY_CHECK, paged_chunker="none")
     )
     kept = env.store.backend.get("config")
-    await expect_code(
-        env.admin().UpdateRepository(update),
-        grpc.StatusCode.INVALID_ARGUMENT,
-        "cuts no files on a grid: name the paged chunker (fixed-64k)",
-    )
+    for alone in (update, admin_pb2.UpdateRepositoryRequest(paged_formats=["sqlite3"])):
+        await expect_code(
+            env.admin().UpdateRepository(alone),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "cuts no files on a grid: name the paged chunker (fixed-64k)",
+        )
     assert env.store.backend.get("config") == kept

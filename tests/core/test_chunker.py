@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import tempfile
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 
 from core.chunker import CHUNKERS, Chunker, ChunkPolicy, params
 from core.errors import ConfigError
-from core.format import DEFAULT_PAGED_FILES, RepoConfig
+from core.format import DEFAULT_PAGED_FILES, DEFAULT_PAGED_FORMATS, RepoConfig
 
 
 def _stream_cuts(c: Chunker, data: bytes) -> list[int]:
@@ -174,6 +175,59 @@ def test_policy_patterns_are_fnmatch_not_regular_expressions() -> None:
 def test_policy_refuses_a_chunker_it_does_not_know() -> None:
     with pytest.raises(ConfigError, match="unknown chunker 'fixed-3k'"):
         ChunkPolicy(RepoConfig(repo_id="ab" * 16, paged_chunker="fixed-3k", paged_files=("*",)))
+
+
+SQLITE_HEAD = b"SQLite format 3\x00" + bytes([0x10, 0x00])  # and its page size, 4096
+BBOLT_HEAD = bytes(16) + b"\xed\xda\x0c\xed\x02\x00\x00\x00" + (4096).to_bytes(4, "little")
+
+
+@pytest.mark.parametrize(
+    ("name", "head", "size", "formats", "paged"),
+    [
+        (b"state", SQLITE_HEAD, 200_000, DEFAULT_PAGED_FORMATS, True),  # SQLite under any name
+        (b"member/snap/db", BBOLT_HEAD, 200_000, DEFAULT_PAGED_FORMATS, True),  # etcd's bbolt
+        (b"state", SQLITE_HEAD, 200_000, ("bbolt",), False),  # only the formats named
+        (b"state", SQLITE_HEAD, 200_000, (), False),  # names only
+        # One chunk either way: a file of at most one paged chunk is not looked into.
+        (b"state", SQLITE_HEAD, 65_536, DEFAULT_PAGED_FORMATS, False),
+        (b"state", SQLITE_HEAD, 65_537, DEFAULT_PAGED_FORMATS, True),
+        (b"state", b"SQLite format 2\x00", 200_000, DEFAULT_PAGED_FORMATS, False),
+        (b"db", bytes(16) + b"\xed\xda\x0c\xed\x01\x00\x00\x00", 200_000, ("bbolt",), False),
+        (b"x.db", b"plain text", 200_000, (), True),  # the name decides first
+    ],
+)
+def test_policy_recognises_paged_formats_by_their_first_bytes(
+    name: bytes, head: bytes, size: int, formats: tuple[str, ...], paged: bool
+) -> None:
+    policy = ChunkPolicy(
+        RepoConfig(
+            repo_id="ab" * 16,
+            paged_chunker="fixed-64k",
+            paged_files=("*.db",),
+            paged_formats=formats,
+        )
+    )
+    with tempfile.TemporaryFile() as f:
+        f.write(head + random.Random(size).randbytes(size - len(head)))
+        f.flush()
+        got = policy.for_fd(name, f.fileno(), size)
+        assert got is (policy.paged if paged else policy.default)
+        assert f.tell() == size  # looked at with pread: the offset is not moved
+
+
+def test_policy_with_formats_alone_and_with_formats_it_does_not_know() -> None:
+    cfg = RepoConfig(repo_id="ab" * 16, paged_chunker="fixed-64k", paged_formats=("sqlite3",))
+    policy = ChunkPolicy(cfg)
+    assert policy.paged is not None and policy.for_file(b"x.db") is policy.default
+    with tempfile.TemporaryFile() as f:
+        f.write(SQLITE_HEAD + bytes(100_000))
+        f.flush()
+        assert policy.for_fd(b"x", f.fileno(), 100_000 + len(SQLITE_HEAD)) is policy.paged
+    with pytest.raises(ConfigError, match=r"unknown paged format 'lmdb'.*upgrade the agent"):
+        ChunkPolicy(dataclasses.replace(cfg, paged_formats=("sqlite3", "lmdb")))
+    # Without a paged chunker the formats mean nothing (and nothing is read).
+    none = ChunkPolicy(RepoConfig(repo_id="ab" * 16, paged_formats=("sqlite3",)))
+    assert none.paged is None and none.for_fd(b"x", -1, 10**9) is none.default
 
 
 def test_policy_chunkers_share_one_pool_of_read_blocks() -> None:

@@ -31,12 +31,18 @@ def test_repo_init_refuses_twice_and_never_touches_an_existing_key_file(
         "*.x", check=False,
     )  # fmt: skip
     assert r.returncode == 2 and "it is none" in r.stderr and not stray.exists()
+    r = c.cli(
+        "repo", "init", "--key-file", str(stray), "--paged-formats", "none", "--paged-formats",
+        "bbolt", check=False,
+    )  # fmt: skip
+    assert r.returncode == 2 and "none stands alone" in r.stderr and not stray.exists()
 
     c.key_file.unlink()
     c.init_repository()
     info = c.cli_json("repo", "info")
     assert len(info["repo_id"]) == 32 and info["chunker"] == "fastcdc-256k"
     assert info["paged_chunker"] == "fixed-64k" and "*.db" in info["paged_files"]
+    assert info["paged_formats"] == ["sqlite3", "bbolt"]
     assert "paged files:      fixed-64k for *.db, *.sqlite," in c.cli("repo", "info").stdout
     other = tmp_path / "other.key"
     r = c.cli("repo", "init", "--key-file", str(other), check=False)

@@ -84,7 +84,7 @@ def test_repo_set_applies_to_the_next_backup(cluster_factory, tmp_path: Path) ->
     assert "paged files: none (every file content-defined) (was fixed-64k for *.db," in r.stdout
     assert "reads all its files again" in r.stderr
     info = c.cli_json("repo", "set", "--paged-chunker", "none")  # again: no change, no error
-    assert (info["paged_chunker"], info["paged_files"]) == ("", [])
+    assert (info["paged_chunker"], info["paged_files"], info["paged_formats"]) == ("", [], [])
     c.cli("backup", "--agent", "node1", "--wait")
     stats = c.cli_json("snapshots")[-1]["stats"]
     assert stats["files_unchanged"] == 0  # the files cache's scope named the old policy

@@ -32,6 +32,7 @@ class InitRepositoryRequest(_message.Message):
     KEY_CHECK_FIELD_NUMBER: _builtins.int
     PAGED_CHUNKER_FIELD_NUMBER: _builtins.int
     PAGED_FILES_FIELD_NUMBER: _builtins.int
+    PAGED_FORMATS_FIELD_NUMBER: _builtins.int
     chunker: _builtins.str
     """"" = default "fastcdc-256k" """
     compression: _builtins.str
@@ -46,6 +47,10 @@ class InitRepositoryRequest(_message.Message):
     def paged_files(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """empty = the default patterns (design.md §Paged files)"""
 
+    @_builtins.property
+    def paged_formats(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """empty = the default formats; ["none"] = none"""
+
     def __init__(
         self,
         *,
@@ -55,10 +60,11 @@ class InitRepositoryRequest(_message.Message):
         key_check: _builtins.bytes = ...,
         paged_chunker: _builtins.str = ...,
         paged_files: _abc.Iterable[_builtins.str] | None = ...,
+        paged_formats: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunker", b"chunker", "cipher", b"cipher", "compression", b"compression", "key_check", b"key_check", "paged_chunker", b"paged_chunker", "paged_files", b"paged_files"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunker", b"chunker", "cipher", b"cipher", "compression", b"compression", "key_check", b"key_check", "paged_chunker", b"paged_chunker", "paged_files", b"paged_files", "paged_formats", b"paged_formats"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -86,6 +92,7 @@ class UpdateRepositoryRequest(_message.Message):
     COMPRESSION_FIELD_NUMBER: _builtins.int
     PAGED_CHUNKER_FIELD_NUMBER: _builtins.int
     PAGED_FILES_FIELD_NUMBER: _builtins.int
+    PAGED_FORMATS_FIELD_NUMBER: _builtins.int
     compression: _builtins.str
     """"" = unchanged"""
     paged_chunker: _builtins.str
@@ -96,16 +103,23 @@ class UpdateRepositoryRequest(_message.Message):
         without paged_chunker: replaces the patterns of the paged
         """
 
+    @_builtins.property
+    def paged_formats(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """chunker the repository has (it must have one)
+        as paged_files: with paged_chunker, empty = the
+        """
+
     def __init__(
         self,
         *,
         compression: _builtins.str = ...,
         paged_chunker: _builtins.str = ...,
         paged_files: _abc.Iterable[_builtins.str] | None = ...,
+        paged_formats: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["compression", b"compression", "paged_chunker", b"paged_chunker", "paged_files", b"paged_files"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compression", b"compression", "paged_chunker", b"paged_chunker", "paged_files", b"paged_files", "paged_formats", b"paged_formats"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -170,6 +170,7 @@ class RepoConfig(_message.Message):
     PAGED_CHUNKER_FIELD_NUMBER: _builtins.int
     PAGED_FILES_FIELD_NUMBER: _builtins.int
     PAGED_CHUNK_MAX_FIELD_NUMBER: _builtins.int
+    PAGED_FORMATS_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     """repository format version (1)"""
     repo_id: _builtins.str
@@ -198,6 +199,12 @@ class RepoConfig(_message.Message):
     paged_chunk_max: _builtins.int
     @_builtins.property
     def paged_files(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def paged_formats(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Files larger than one paged chunk that start as one of these formats ("sqlite3", "bbolt")
+        are cut with paged_chunker too, whatever their names.
+        """
+
     def __init__(
         self,
         *,
@@ -216,10 +223,11 @@ class RepoConfig(_message.Message):
         paged_chunker: _builtins.str = ...,
         paged_files: _abc.Iterable[_builtins.str] | None = ...,
         paged_chunk_max: _builtins.int = ...,
+        paged_formats: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_avg", b"chunk_avg", "chunk_max", b"chunk_max", "chunk_min", b"chunk_min", "chunker", b"chunker", "cipher", b"cipher", "compression", b"compression", "id_algorithm", b"id_algorithm", "key_check", b"key_check", "max_blob_size", b"max_blob_size", "max_message_size", b"max_message_size", "paged_chunk_max", b"paged_chunk_max", "paged_chunker", b"paged_chunker", "paged_files", b"paged_files", "repo_id", b"repo_id", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_avg", b"chunk_avg", "chunk_max", b"chunk_max", "chunk_min", b"chunk_min", "chunker", b"chunker", "cipher", b"cipher", "compression", b"compression", "id_algorithm", b"id_algorithm", "key_check", b"key_check", "max_blob_size", b"max_blob_size", "max_message_size", b"max_message_size", "paged_chunk_max", b"paged_chunk_max", "paged_chunker", b"paged_chunker", "paged_files", b"paged_files", "paged_formats", b"paged_formats", "repo_id", b"repo_id", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
