@@ -320,6 +320,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         self._clock = clock
         self._auth = _Auth(store)
         self._transfers = 0  # blob streams open (uploads and downloads)
+        self._ending: set[asyncio.Task[None]] = set()  # failing a disconnected agent's jobs
 
     @contextlib.contextmanager
     def _transfer(self) -> Iterator[None]:
@@ -401,17 +402,43 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             ",".join(sorted(session.capabilities)) or "none",
         )
         reader = asyncio.create_task(self._read(session, messages), name=f"control-read-{name}")
+        # However the RPC ends. A client that cancels while a message is being sent leaves this
+        # generator suspended at its yield, and the finally below would run only whenever the
+        # generator is collected.
+        loop = asyncio.get_running_loop()
+
+        def ended(_: object) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: so is the server
+                loop.call_soon_threadsafe(self._session_over, session, reader)
+
+        context.add_done_callback(ended)
         try:
             while (msg := await session.queue.get()) is not None:
                 yield msg
         finally:
-            reader.cancel()
-            session.close()
-            if self._registry.unregister(session):
-                log.info("agent %s disconnected: %s", name, session.close_reason or "stream ended")
-                await self._jobs.agent_disconnected(name)
+            over = self._session_over(session, reader)
+            if over is not None:
+                await asyncio.shield(over)
         if session.close_code is not None:
             await context.abort(session.close_code, session.close_reason)
+
+    def _session_over(
+        self, session: AgentSession, reader: asyncio.Task[None]
+    ) -> asyncio.Task[None] | None:
+        """End a control session, once: the agent is disconnected unless a newer stream took
+        its place. Returns the task that fails its jobs, a task of its own so that a
+        cancelled handler cannot interrupt it (design.md §Control stream)."""
+        reader.cancel()
+        session.close()
+        if not self._registry.unregister(session):
+            return None
+        log.info("agent %s disconnected: %s", session.name, session.close_reason or "stream ended")
+        task = asyncio.get_running_loop().create_task(
+            self._jobs.agent_disconnected(session.name), name=f"disconnected-{session.name}"
+        )
+        self._ending.add(task)
+        task.add_done_callback(self._ending.discard)
+        return task
 
     async def _read(
         self, session: AgentSession, messages: AsyncIterator[agent_pb2.AgentMessage]
