@@ -301,9 +301,13 @@ class _WorkList:
         """Block until `ready()` (evaluated under `cv`), running urgent work meanwhile; raises
         _Stop once the run has failed. Whoever makes `ready` true must notify `cv`."""
         with self.cv:
-            while not ready():
+            while True:
+                # First: a reader that is never held back (its chunks all known) must still
+                # stop when the run has failed or was cancelled.
                 if self.error is not None:
                     raise _Stop
+                if ready():
+                    return
                 if self._urgent:
                     fn = self._urgent.popleft()
                     self.cv.release()
@@ -590,7 +594,10 @@ class _Backup:
         is_file = stat.S_ISREG
         self._start_known_large()
         early = self._early
+        work = self.work
         while stack:
+            if work.error is not None:  # the run failed or was cancelled: stop walking
+                raise _Stop
             d = stack.pop()
             self.dirs.append(d)
             try:
@@ -1140,14 +1147,19 @@ class _Backup:
         def emit(unit: _Unit) -> None:
             work.add(self._unit(unit))
 
+        top: _Dir | None = None
         try:
-            # A thread of its own: the stage-2 threads read while the walk goes on.
-            top = await asyncio.to_thread(self.walk, emit)
-            self.phases["walk"] = self.clock.monotonic() - self.t0
-            # The units not yet full follow the walk's final progress report: on a small
-            # tree, nothing is read before the walk is complete.
-            self.progress(force=True)
-            self._flush_units()
+            try:
+                # A thread of its own: the stage-2 threads read while the walk goes on.
+                top = await asyncio.to_thread(self.walk, emit)
+            except _Stop:
+                pass  # the run failed while walking: its error is raised below
+            else:
+                self.phases["walk"] = self.clock.monotonic() - self.t0
+                # The units not yet full follow the walk's final progress report: on a small
+                # tree, nothing is read before the walk is complete.
+                self.progress(force=True)
+                self._flush_units()
             work.close()
             while not finished.is_set():
                 with contextlib.suppress(TimeoutError):
@@ -1161,6 +1173,7 @@ class _Backup:
         err, work.error = work.error, None  # its traceback refers to this run: no cycle
         if err is not None:
             raise err
+        assert top is not None  # the walk stops early only once the run has an error
         return top
 
     # -- stage 3: trees ------------------------------------------------------------

@@ -235,6 +235,7 @@ class AgentDaemon:
                         uploads.close()
                     await asyncio.to_thread(trim_malloc)
         except asyncio.CancelledError:
+            log.info("job %s: %s cancelled", job_id, kind)
             session.update(job_id, common_pb2.JOB_STATE_CANCELLED, error="cancelled")
             raise
         except errors.ClawbackError as exc:

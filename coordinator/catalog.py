@@ -171,7 +171,8 @@ class Catalog(Protocol):
     def put_job(self, job: common_pb2.JobInfo) -> None:
         """Insert or replace a job by id. Idempotent."""
 
-    def get_job(self, job_id: str) -> common_pb2.JobInfo: ...
+    def get_job(self, id_or_prefix: str) -> common_pb2.JobInfo:
+        """By full id or unique prefix, as `get_snapshot`."""
 
     def list_jobs(self, agent: str | None = None, limit: int = 100) -> list[common_pb2.JobInfo]:
         """Newest first."""
@@ -485,29 +486,34 @@ class SqliteCatalog:
         )
 
     def get_snapshot(self, id_or_prefix: str) -> common_pb2.SnapshotInfo:
+        return _snapshot(self._by_id_or_prefix("snapshots", "snapshot", id_or_prefix))
+
+    def _by_id_or_prefix(self, table: str, what: str, id_or_prefix: str) -> bytes:
+        """The info column of the row of `table` whose id is `id_or_prefix` or starts with it
+        (and no other's does)."""
         prefix = id_or_prefix.strip().lower()
         if not prefix:
-            raise UsageError("empty snapshot id")
+            raise UsageError(f"empty {what} id")
 
         def run(conn: sqlite3.Connection) -> list[bytes]:
-            exact = conn.execute("SELECT info FROM snapshots WHERE id = ?", (prefix,)).fetchone()
+            exact = conn.execute(f"SELECT info FROM {table} WHERE id = ?", (prefix,)).fetchone()
             if exact is not None:
                 return [exact[0]]
             # BINARY collation compares UTF-8 bytes; U+10FFFF sorts after any id character.
             return [
                 r[0]
                 for r in conn.execute(
-                    "SELECT info FROM snapshots WHERE id >= ? AND id < ? ORDER BY id LIMIT 2",
+                    f"SELECT info FROM {table} WHERE id >= ? AND id < ? ORDER BY id LIMIT 2",
                     (prefix, prefix + "\U0010ffff"),
                 )
             ]
 
         found = self._read(run)
         if not found:
-            raise NotFound(f"snapshot {id_or_prefix}: not found")
+            raise NotFound(f"{what} {id_or_prefix}: not found")
         if len(found) > 1:
-            raise UsageError(f"snapshot {id_or_prefix}: ambiguous prefix")
-        return _snapshot(found[0])
+            raise UsageError(f"{what} {id_or_prefix}: ambiguous prefix")
+        return found[0]
 
     def list_snapshots(
         self, agent: str | None = None, source: str | None = None
@@ -693,13 +699,8 @@ class SqliteCatalog:
             )
         )
 
-    def get_job(self, job_id: str) -> common_pb2.JobInfo:
-        row = self._read(
-            lambda c: c.execute("SELECT info FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        )
-        if row is None:
-            raise NotFound(f"job {job_id}: not found")
-        return _job(row[0])
+    def get_job(self, id_or_prefix: str) -> common_pb2.JobInfo:
+        return _job(self._by_id_or_prefix("jobs", "job", id_or_prefix))
 
     def list_jobs(self, agent: str | None = None, limit: int = 100) -> list[common_pb2.JobInfo]:
         args: list[object]

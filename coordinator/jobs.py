@@ -244,14 +244,26 @@ class JobManager:
                 active.changed.notify_all()
 
     # -- reading jobs ----------------------------------------------------------
+    async def cancel(self, job_id: str) -> common_pb2.JobInfo:
+        """Ask the agent running a job to stop it (design.md §Control stream); the agent's
+        CANCELLED update ends the job. A job that has ended is returned as it is."""
+        info = await self.get(job_id)
+        active = self._active.get(info.id)
+        if active is None or is_terminal(active.info.state):
+            return info
+        self._registry.send(
+            info.agent, agent_pb2.Command(job_id=info.id, cancel=agent_pb2.CancelCommand())
+        )
+        return _copy(active.info)
+
     async def get(self, job_id: str) -> common_pb2.JobInfo:
+        """By full id or unique prefix (as `clawback jobs` shows them)."""
         active = self._active.get(job_id)
         if active is not None:
             return _copy(active.info)
-        if not job_id:
-            raise UsageError("empty job id")
         job: common_pb2.JobInfo = await asyncio.to_thread(self._catalog.get_job, job_id)
-        return job
+        active = self._active.get(job.id)  # running: its latest state, not the stored one
+        return _copy(active.info) if active is not None else job
 
     async def list(self, agent: str | None = None, limit: int = 100) -> list[common_pb2.JobInfo]:
         jobs: list[common_pb2.JobInfo] = await asyncio.to_thread(
@@ -263,8 +275,11 @@ class JobManager:
         """The job now, then at each change, ending after a terminal state."""
         active = self._active.get(job_id)
         if active is None:
-            yield await self.get(job_id)
-            return
+            info = await self.get(job_id)  # a prefix, or a job that has ended
+            active = self._active.get(info.id)
+            if active is None:
+                yield info
+                return
         seen = -1
         while True:
             async with active.changed:

@@ -18,7 +18,7 @@ from google.protobuf.message import DecodeError
 
 import core
 from coordinator.config import CoordinatorConfig
-from coordinator.jobs import CAP_BACKUP_VOLUME, CAP_RESTORE, JobManager
+from coordinator.jobs import CAP_BACKUP_VOLUME, CAP_RESTORE, JobManager, is_terminal
 from coordinator.registry import AgentSession, Registry
 from core import chunker, compression, errors, format, tls, wire
 from core.certs import CertSource, FileCertSource
@@ -793,6 +793,16 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     ) -> common_pb2.JobInfo:
         self._auth.admin(context)
         return await self._jobs.get(request.job_id)
+
+    @_guarded
+    async def CancelJob(
+        self, request: admin_pb2.CancelJobRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.JobInfo:
+        who = self._auth.admin(context)
+        info = await self._jobs.cancel(request.job_id)
+        if not is_terminal(info.state):
+            log.info("job %s: %s asked %s to cancel it", info.id, who, info.agent)
+        return info
 
     @_guarded
     async def ListJobs(

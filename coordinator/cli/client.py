@@ -189,6 +189,12 @@ class AdminClient:
         )
         return result
 
+    def cancel_job(self, job_id: str) -> common_pb2.JobInfo:
+        result: common_pb2.JobInfo = self._unary(
+            "CancelJob", admin_pb2.CancelJobRequest(job_id=job_id), f"job {job_id}"
+        )
+        return result
+
     def list_jobs(self, agent: str = "", limit: int = 0) -> list[common_pb2.JobInfo]:
         return list(
             self._unary("ListJobs", admin_pb2.ListJobsRequest(agent=agent, limit=limit)).jobs

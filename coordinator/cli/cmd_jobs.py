@@ -45,10 +45,18 @@ def setup(
     )
     jobs.set_defaults(func=run_list)
 
-    job = subs.add_parser("job", help="show one job, or follow it to its end", parents=[common])
+    job = subs.add_parser(
+        "job", help="show one job, follow it to its end, or cancel it", parents=[common]
+    )
     job.add_argument("job_id", metavar="ID")
     job.add_argument(
         "--watch", action="store_true", help="follow the job with live progress until it ends"
+    )
+    job.add_argument(
+        "--cancel",
+        action="store_true",
+        help="ask its agent to stop the job (a backup commits no snapshot; a restore removes "
+        "the files it had not finished); with --watch, follow it until it has stopped",
     )
     job.set_defaults(func=run_show)
 
@@ -117,12 +125,42 @@ def run_list(ctx: Context, args: argparse.Namespace) -> int:
 
 def run_show(ctx: Context, args: argparse.Namespace) -> int:
     client = ctx.client()
+    if args.cancel:
+        return _cancel(ctx, args)
     if args.watch:
         final = watch_jobs(ctx, [client.get_job(args.job_id)])
         print_summary(ctx, final)
         return exit_code_for(final)
     print_job(ctx, client.get_job(args.job_id))
     return 0
+
+
+def _cancel(ctx: Context, args: argparse.Namespace) -> int:
+    """Exit 0 once the cancel is sent (with --watch: once the job has ended cancelled, or
+    succeeded before the cancel reached it), or when the job had ended already."""
+    client = ctx.client()
+    job = client.cancel_job(args.job_id)
+    if job.state in TERMINAL_STATES:
+        if ctx.out.json_mode:
+            ctx.out.json(job_dict(job))
+        else:
+            ctx.out.line(f"job {short_id(job.id)} had ended already: {job_state(job.state)}")
+        return 0
+    if not args.watch:
+        if ctx.out.json_mode:
+            ctx.out.json(job_dict(job))
+        else:
+            ctx.out.line(
+                f"cancelling job {short_id(job.id)} ({job_kind(job.kind)} on {job.agent}); "
+                f"follow with: clawback job {short_id(job.id)} --watch"
+            )
+        return 0
+    ctx.out.note(f"cancelling job {short_id(job.id)} ({job_kind(job.kind)} on {job.agent})")
+    final = watch_jobs(ctx, [job])
+    print_summary(ctx, final)
+    if final[0].state in (common_pb2.JOB_STATE_CANCELLED, common_pb2.JOB_STATE_SUCCEEDED):
+        return 0
+    return exit_code_for(final)
 
 
 def print_job(ctx: Context, j: common_pb2.JobInfo) -> None:
@@ -289,6 +327,7 @@ def watch_jobs(ctx: Context, jobs: Sequence[common_pb2.JobInfo]) -> list[common_
         ctx.out.note(
             "clawback: stopped watching; the jobs keep running: "
             + ", ".join(f"clawback job {jid} --watch" for jid in sorted(pending))
+            + " (--cancel to stop them)"
         )
         raise
     finally:

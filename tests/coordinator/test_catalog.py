@@ -200,6 +200,15 @@ def test_jobs(catalog: Catalog) -> None:
     assert [j.id for j in catalog.list_jobs(limit=2)] == ["j4", "j3"]
     with pytest.raises(NotFound):
         catalog.get_job("nope")
+    # By unique prefix, as `clawback jobs` shows them (8 characters).
+    catalog.put_job(common_pb2.JobInfo(id="ab12cd34ef", agent="a"))
+    catalog.put_job(common_pb2.JobInfo(id="ab12ff00", agent="a"))
+    assert catalog.get_job("ab12cd").id == "ab12cd34ef"
+    assert catalog.get_job("ab12ff00").id == "ab12ff00"  # a full id that prefixes no other
+    with pytest.raises(UsageError, match="job ab12: ambiguous prefix"):
+        catalog.get_job("ab12")
+    with pytest.raises(UsageError, match="empty job id"):
+        catalog.get_job(" ")
 
 
 def test_threads_share_one_catalog(catalog: Catalog) -> None:

@@ -904,3 +904,64 @@ async def test_patterns_alone_need_a_paged_chunker_and_a_repository(env: Env) ->
             "cuts no files on a grid: name the paged chunker (fixed-64k)",
         )
     assert env.store.backend.get("config") == kept
+
+
+async def test_cancel_job_reaches_the_agent_and_its_update_ends_the_job(env: Env) -> None:
+    await init_repo(env)
+    call, _ = await connect(env)
+    admin = env.admin()
+    [job] = (await admin.StartBackup(admin_pb2.StartBackupRequest(agent="node1"))).jobs
+    assert (await asyncio.wait_for(call.read(), TIMEOUT)).command.WhichOneof("cmd") == "backup"
+    await call.write(
+        agent_pb2.AgentMessage(
+            job_update=agent_pb2.JobUpdate(job_id=job.id, state=common_pb2.JOB_STATE_RUNNING)
+        )
+    )
+    got = await admin.CancelJob(admin_pb2.CancelJobRequest(job_id=job.id[:8]), timeout=TIMEOUT)
+    assert got.id == job.id and got.state in (
+        common_pb2.JOB_STATE_PENDING,
+        common_pb2.JOB_STATE_RUNNING,
+    )
+    msg = await asyncio.wait_for(call.read(), TIMEOUT)
+    assert (msg.command.job_id, msg.command.WhichOneof("cmd")) == (job.id, "cancel")
+    # Asking does not end it: the agent's answer does.
+    still = await admin.GetJob(admin_pb2.GetJobRequest(job_id=job.id))
+    assert still.state != common_pb2.JOB_STATE_CANCELLED
+    await call.write(
+        agent_pb2.AgentMessage(
+            job_update=agent_pb2.JobUpdate(
+                job_id=job.id, state=common_pb2.JOB_STATE_CANCELLED, error="cancelled"
+            )
+        )
+    )
+    for _ in range(100):
+        got = await admin.GetJob(admin_pb2.GetJobRequest(job_id=job.id))
+        if got.state == common_pb2.JOB_STATE_CANCELLED:
+            break
+        await asyncio.sleep(0.02)
+    assert got.state == common_pb2.JOB_STATE_CANCELLED
+    # An ended job is returned as it is, and nothing more is sent.
+    again = await admin.CancelJob(admin_pb2.CancelJobRequest(job_id=job.id))
+    assert again.state == common_pb2.JOB_STATE_CANCELLED
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(call.read(), 0.3)
+    call.cancel()
+
+
+async def test_cancel_job_refusals(env: Env) -> None:
+    await init_repo(env)
+    await expect_code(
+        env.admin().CancelJob(admin_pb2.CancelJobRequest(job_id="ffffffff")),
+        grpc.StatusCode.NOT_FOUND,
+    )
+    await expect_code(
+        env.admin().CancelJob(admin_pb2.CancelJobRequest(job_id="")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "empty job id",
+    )
+    await expect_code(
+        admin_pb2_grpc.AdminServiceStub(env.channel("node1")).CancelJob(
+            admin_pb2.CancelJobRequest(job_id="ffffffff")
+        ),
+        grpc.StatusCode.PERMISSION_DENIED,
+    )

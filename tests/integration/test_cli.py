@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -95,3 +96,53 @@ def test_operator_mistakes_get_clear_errors(cluster_factory, tmp_path: Path) -> 
     c.stop_process("agent-node2")
     r = c.cli("restore", snap, "--agent", "node2", "--target", str(tmp_path / "t"), check=False)
     assert r.returncode == 4 and "node2" in r.stderr and "not connected" in r.stderr
+
+
+def test_a_running_backup_is_cancelled_and_leaves_nothing_behind(
+    cluster_factory, tmp_path: Path
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "small").write_text("x")
+    with open(src / "holes", "wb") as f:
+        f.truncate(64 * 2**30)  # 64 GiB of zeros to read: the backup runs long enough
+    c = cluster_factory({"node1": {"data": src}})
+    [job] = c.cli_json("backup", "--agent", "node1")
+    for _ in range(300):  # until it is reading
+        info = c.cli_json("job", job["id"])
+        if info["state"] == "running" and info["progress"]["bytes_done"] > 0:
+            break
+        time.sleep(0.1)
+    assert info["state"] == "running", info
+
+    r = c.cli("job", job["id"][:8], "--cancel", "--watch", check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "cancelling job" in r.stderr
+    info = c.cli_json("job", job["id"])
+    assert (info["state"], info["error"]) == ("cancelled", "cancelled")
+    # The agent stops reading too: it lets go of the 64 GiB file instead of reading it out.
+    fds = Path(f"/proc/{c.agent_pids['node1']}/fd")
+    for _ in range(100):
+        held = [fd for fd in fds.iterdir() if _target(fd) == str(src / "holes")]
+        if not held:
+            break
+        time.sleep(0.05)
+    assert not held
+    assert c.cli_json("snapshots") == []  # no snapshot committed
+    assert c.cli("check", check=False).returncode == 0  # nor anything half-written
+    r = c.cli("job", job["id"], "--cancel")
+    assert "had ended already: cancelled" in r.stdout
+    assert c.cli("job", "ffffffff", "--cancel", check=False).returncode == 5
+
+    # The agent goes on: the next backup of the same source (without the big file) commits.
+    (src / "holes").unlink()
+    c.cli("backup", "--agent", "node1", "--wait")
+    [snap] = c.cli_json("snapshots")
+    assert snap["stats"]["files"] == 1
+
+
+def _target(fd: Path) -> str:
+    try:
+        return str(fd.readlink())
+    except OSError:  # closed meanwhile
+        return ""

@@ -26,7 +26,7 @@ from protos.clawback.v1 import common_pb2 as protos_dot_clawback_dot_v1_dot_comm
 from protos.clawback.v1 import agent_pb2 as protos_dot_clawback_dot_v1_dot_agent__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eprotos/clawback/v1/admin.proto\x12\x0b\x63lawback.v1\x1a\x1fprotos/clawback/v1/common.proto\x1a\x1eprotos/clawback/v1/agent.proto\"\xa3\x01\n\x15InitRepositoryRequest\x12\x0f\n\x07\x63hunker\x18\x01 \x01(\t\x12\x13\n\x0b\x63ompression\x18\x02 \x01(\t\x12\x0e\n\x06\x63ipher\x18\x03 \x01(\t\x12\x11\n\tkey_check\x18\x04 \x01(\x0c\x12\x15\n\rpaged_chunker\x18\x05 \x01(\t\x12\x13\n\x0bpaged_files\x18\x06 \x03(\t\x12\x15\n\rpaged_formats\x18\x07 \x03(\t\"\x16\n\x14GetRepositoryRequest\"q\n\x17UpdateRepositoryRequest\x12\x13\n\x0b\x63ompression\x18\x01 \x01(\t\x12\x15\n\rpaged_chunker\x18\x02 \x01(\t\x12\x13\n\x0bpaged_files\x18\x03 \x03(\t\x12\x15\n\rpaged_formats\x18\x04 \x03(\t\"\xde\x01\n\tAgentInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tconnected\x18\x02 \x01(\x08\x12\x10\n\x08hostname\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12(\n\x07sources\x18\x05 \x03(\x0b\x32\x17.clawback.v1.SourceSpec\x12\x15\n\rfirst_seen_ns\x18\x06 \x01(\x03\x12\x14\n\x0clast_seen_ns\x18\x07 \x01(\x03\x12\x0f\n\x07revoked\x18\x08 \x01(\x08\x12\x14\n\x0c\x63\x61pabilities\x18\t \x03(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\n \x01(\t\"\x13\n\x11ListAgentsRequest\"<\n\x12ListAgentsResponse\x12&\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x16.clawback.v1.AgentInfo\"\"\n\x12RevokeAgentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"B\n\x12StartBackupRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x0f\n\x07sources\x18\x02 \x03(\t\x12\x0c\n\x04tags\x18\x03 \x03(\t\"9\n\x13StartBackupResponse\x12\"\n\x04jobs\x18\x01 \x03(\x0b\x32\x14.clawback.v1.JobInfo\"z\n\x13StartRestoreRequest\x12\x13\n\x0bsnapshot_id\x18\x01 \x01(\t\x12\r\n\x05paths\x18\x02 \x03(\x0c\x12\r\n\x05\x61gent\x18\x03 \x01(\t\x12\x0e\n\x06target\x18\x04 \x01(\t\x12\x11\n\toverwrite\x18\x05 \x01(\x08\x12\r\n\x05grant\x18\x06 \x01(\x0c\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"/\n\x0fListJobsRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\"6\n\x10ListJobsResponse\x12\"\n\x04jobs\x18\x01 \x03(\x0b\x32\x14.clawback.v1.JobInfo\"5\n\x14ListSnapshotsRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\"E\n\x15ListSnapshotsResponse\x12,\n\tsnapshots\x18\x01 \x03(\x0b\x32\x19.clawback.v1.SnapshotInfo\")\n\x12GetSnapshotRequest\x12\x13\n\x0bsnapshot_id\x18\x01 \x01(\t\"\x1f\n\x10ReadBlobsRequest\x12\x0b\n\x03ids\x18\x01 \x01(\x0c\"<\n\x0c\x43heckRequest\x12\x11\n\tread_data\x18\x01 \x01(\x08\x12\x19\n\x11read_data_percent\x18\x02 \x01(\r\"\xf1\x01\n\nCheckEvent\x12*\n\x04kind\x18\x01 \x01(\x0e\x32\x1c.clawback.v1.CheckEvent.Kind\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0c\n\x04pack\x18\x03 \x01(\t\x12\x0c\n\x04\x62lob\x18\x04 \x01(\x0c\x12\x12\n\npacks_done\x18\x05 \x01(\x04\x12\x13\n\x0bpacks_total\x18\x06 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x07 \x01(\x04\"Q\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x11\n\rKIND_PROGRESS\x10\x01\x12\x0e\n\nKIND_ERROR\x10\x02\x12\x10\n\x0cKIND_SUMMARY\x10\x03\"\x11\n\x0fListKeysRequest\":\n\x11UpdateKeysRequest\x12%\n\x04keys\x18\x01 \x03(\x0b\x32\x17.clawback.v1.WrappedKey\"%\n\x12UpdateKeysResponse\x12\x0f\n\x07updated\x18\x01 \x01(\r2\xff\t\n\x0c\x41\x64minService\x12M\n\x0eInitRepository\x12\".clawback.v1.InitRepositoryRequest\x1a\x17.clawback.v1.RepoConfig\x12K\n\rGetRepository\x12!.clawback.v1.GetRepositoryRequest\x1a\x17.clawback.v1.RepoConfig\x12Q\n\x10UpdateRepository\x12$.clawback.v1.UpdateRepositoryRequest\x1a\x17.clawback.v1.RepoConfig\x12M\n\nListAgents\x12\x1e.clawback.v1.ListAgentsRequest\x1a\x1f.clawback.v1.ListAgentsResponse\x12\x46\n\x0bRevokeAgent\x12\x1f.clawback.v1.RevokeAgentRequest\x1a\x16.clawback.v1.AgentInfo\x12P\n\x0bStartBackup\x12\x1f.clawback.v1.StartBackupRequest\x1a .clawback.v1.StartBackupResponse\x12\x46\n\x0cStartRestore\x12 .clawback.v1.StartRestoreRequest\x1a\x14.clawback.v1.JobInfo\x12:\n\x06GetJob\x12\x1a.clawback.v1.GetJobRequest\x1a\x14.clawback.v1.JobInfo\x12G\n\x08ListJobs\x12\x1c.clawback.v1.ListJobsRequest\x1a\x1d.clawback.v1.ListJobsResponse\x12>\n\x08WatchJob\x12\x1a.clawback.v1.GetJobRequest\x1a\x14.clawback.v1.JobInfo0\x01\x12V\n\rListSnapshots\x12!.clawback.v1.ListSnapshotsRequest\x1a\".clawback.v1.ListSnapshotsResponse\x12I\n\x0bGetSnapshot\x12\x1f.clawback.v1.GetSnapshotRequest\x1a\x19.clawback.v1.SnapshotInfo\x12K\n\tReadBlobs\x12\x1d.clawback.v1.ReadBlobsRequest\x1a\x1d.clawback.v1.DownloadResponse0\x01\x12\x44\n\x07GetKeys\x12\x1b.clawback.v1.GetKeysRequest\x1a\x1c.clawback.v1.GetKeysResponse\x12\x46\n\x08ListKeys\x12\x1c.clawback.v1.ListKeysRequest\x1a\x1c.clawback.v1.GetKeysResponse\x12M\n\nUpdateKeys\x12\x1e.clawback.v1.UpdateKeysRequest\x1a\x1f.clawback.v1.UpdateKeysResponse\x12=\n\x05\x43heck\x12\x19.clawback.v1.CheckRequest\x1a\x17.clawback.v1.CheckEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eprotos/clawback/v1/admin.proto\x12\x0b\x63lawback.v1\x1a\x1fprotos/clawback/v1/common.proto\x1a\x1eprotos/clawback/v1/agent.proto\"\xa3\x01\n\x15InitRepositoryRequest\x12\x0f\n\x07\x63hunker\x18\x01 \x01(\t\x12\x13\n\x0b\x63ompression\x18\x02 \x01(\t\x12\x0e\n\x06\x63ipher\x18\x03 \x01(\t\x12\x11\n\tkey_check\x18\x04 \x01(\x0c\x12\x15\n\rpaged_chunker\x18\x05 \x01(\t\x12\x13\n\x0bpaged_files\x18\x06 \x03(\t\x12\x15\n\rpaged_formats\x18\x07 \x03(\t\"\x16\n\x14GetRepositoryRequest\"q\n\x17UpdateRepositoryRequest\x12\x13\n\x0b\x63ompression\x18\x01 \x01(\t\x12\x15\n\rpaged_chunker\x18\x02 \x01(\t\x12\x13\n\x0bpaged_files\x18\x03 \x03(\t\x12\x15\n\rpaged_formats\x18\x04 \x03(\t\"\xde\x01\n\tAgentInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tconnected\x18\x02 \x01(\x08\x12\x10\n\x08hostname\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12(\n\x07sources\x18\x05 \x03(\x0b\x32\x17.clawback.v1.SourceSpec\x12\x15\n\rfirst_seen_ns\x18\x06 \x01(\x03\x12\x14\n\x0clast_seen_ns\x18\x07 \x01(\x03\x12\x0f\n\x07revoked\x18\x08 \x01(\x08\x12\x14\n\x0c\x63\x61pabilities\x18\t \x03(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\n \x01(\t\"\x13\n\x11ListAgentsRequest\"<\n\x12ListAgentsResponse\x12&\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x16.clawback.v1.AgentInfo\"\"\n\x12RevokeAgentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"B\n\x12StartBackupRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x0f\n\x07sources\x18\x02 \x03(\t\x12\x0c\n\x04tags\x18\x03 \x03(\t\"9\n\x13StartBackupResponse\x12\"\n\x04jobs\x18\x01 \x03(\x0b\x32\x14.clawback.v1.JobInfo\"z\n\x13StartRestoreRequest\x12\x13\n\x0bsnapshot_id\x18\x01 \x01(\t\x12\r\n\x05paths\x18\x02 \x03(\x0c\x12\r\n\x05\x61gent\x18\x03 \x01(\t\x12\x0e\n\x06target\x18\x04 \x01(\t\x12\x11\n\toverwrite\x18\x05 \x01(\x08\x12\r\n\x05grant\x18\x06 \x01(\x0c\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"/\n\x0fListJobsRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\"6\n\x10ListJobsResponse\x12\"\n\x04jobs\x18\x01 \x03(\x0b\x32\x14.clawback.v1.JobInfo\"5\n\x14ListSnapshotsRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\"E\n\x15ListSnapshotsResponse\x12,\n\tsnapshots\x18\x01 \x03(\x0b\x32\x19.clawback.v1.SnapshotInfo\")\n\x12GetSnapshotRequest\x12\x13\n\x0bsnapshot_id\x18\x01 \x01(\t\"\x1f\n\x10ReadBlobsRequest\x12\x0b\n\x03ids\x18\x01 \x01(\x0c\"<\n\x0c\x43heckRequest\x12\x11\n\tread_data\x18\x01 \x01(\x08\x12\x19\n\x11read_data_percent\x18\x02 \x01(\r\"\xf1\x01\n\nCheckEvent\x12*\n\x04kind\x18\x01 \x01(\x0e\x32\x1c.clawback.v1.CheckEvent.Kind\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0c\n\x04pack\x18\x03 \x01(\t\x12\x0c\n\x04\x62lob\x18\x04 \x01(\x0c\x12\x12\n\npacks_done\x18\x05 \x01(\x04\x12\x13\n\x0bpacks_total\x18\x06 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x07 \x01(\x04\"Q\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x11\n\rKIND_PROGRESS\x10\x01\x12\x0e\n\nKIND_ERROR\x10\x02\x12\x10\n\x0cKIND_SUMMARY\x10\x03\"\x11\n\x0fListKeysRequest\":\n\x11UpdateKeysRequest\x12%\n\x04keys\x18\x01 \x03(\x0b\x32\x17.clawback.v1.WrappedKey\"%\n\x12UpdateKeysResponse\x12\x0f\n\x07updated\x18\x01 \x01(\r2\xc1\n\n\x0c\x41\x64minService\x12M\n\x0eInitRepository\x12\".clawback.v1.InitRepositoryRequest\x1a\x17.clawback.v1.RepoConfig\x12K\n\rGetRepository\x12!.clawback.v1.GetRepositoryRequest\x1a\x17.clawback.v1.RepoConfig\x12Q\n\x10UpdateRepository\x12$.clawback.v1.UpdateRepositoryRequest\x1a\x17.clawback.v1.RepoConfig\x12M\n\nListAgents\x12\x1e.clawback.v1.ListAgentsRequest\x1a\x1f.clawback.v1.ListAgentsResponse\x12\x46\n\x0bRevokeAgent\x12\x1f.clawback.v1.RevokeAgentRequest\x1a\x16.clawback.v1.AgentInfo\x12P\n\x0bStartBackup\x12\x1f.clawback.v1.StartBackupRequest\x1a .clawback.v1.StartBackupResponse\x12\x46\n\x0cStartRestore\x12 .clawback.v1.StartRestoreRequest\x1a\x14.clawback.v1.JobInfo\x12:\n\x06GetJob\x12\x1a.clawback.v1.GetJobRequest\x1a\x14.clawback.v1.JobInfo\x12G\n\x08ListJobs\x12\x1c.clawback.v1.ListJobsRequest\x1a\x1d.clawback.v1.ListJobsResponse\x12>\n\x08WatchJob\x12\x1a.clawback.v1.GetJobRequest\x1a\x14.clawback.v1.JobInfo0\x01\x12@\n\tCancelJob\x12\x1d.clawback.v1.CancelJobRequest\x1a\x14.clawback.v1.JobInfo\x12V\n\rListSnapshots\x12!.clawback.v1.ListSnapshotsRequest\x1a\".clawback.v1.ListSnapshotsResponse\x12I\n\x0bGetSnapshot\x12\x1f.clawback.v1.GetSnapshotRequest\x1a\x19.clawback.v1.SnapshotInfo\x12K\n\tReadBlobs\x12\x1d.clawback.v1.ReadBlobsRequest\x1a\x1d.clawback.v1.DownloadResponse0\x01\x12\x44\n\x07GetKeys\x12\x1b.clawback.v1.GetKeysRequest\x1a\x1c.clawback.v1.GetKeysResponse\x12\x46\n\x08ListKeys\x12\x1c.clawback.v1.ListKeysRequest\x1a\x1c.clawback.v1.GetKeysResponse\x12M\n\nUpdateKeys\x12\x1e.clawback.v1.UpdateKeysRequest\x1a\x1f.clawback.v1.UpdateKeysResponse\x12=\n\x05\x43heck\x12\x19.clawback.v1.CheckRequest\x1a\x17.clawback.v1.CheckEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -55,30 +55,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STARTRESTOREREQUEST']._serialized_end=1010
   _globals['_GETJOBREQUEST']._serialized_start=1012
   _globals['_GETJOBREQUEST']._serialized_end=1043
-  _globals['_LISTJOBSREQUEST']._serialized_start=1045
-  _globals['_LISTJOBSREQUEST']._serialized_end=1092
-  _globals['_LISTJOBSRESPONSE']._serialized_start=1094
-  _globals['_LISTJOBSRESPONSE']._serialized_end=1148
-  _globals['_LISTSNAPSHOTSREQUEST']._serialized_start=1150
-  _globals['_LISTSNAPSHOTSREQUEST']._serialized_end=1203
-  _globals['_LISTSNAPSHOTSRESPONSE']._serialized_start=1205
-  _globals['_LISTSNAPSHOTSRESPONSE']._serialized_end=1274
-  _globals['_GETSNAPSHOTREQUEST']._serialized_start=1276
-  _globals['_GETSNAPSHOTREQUEST']._serialized_end=1317
-  _globals['_READBLOBSREQUEST']._serialized_start=1319
-  _globals['_READBLOBSREQUEST']._serialized_end=1350
-  _globals['_CHECKREQUEST']._serialized_start=1352
-  _globals['_CHECKREQUEST']._serialized_end=1412
-  _globals['_CHECKEVENT']._serialized_start=1415
-  _globals['_CHECKEVENT']._serialized_end=1656
-  _globals['_CHECKEVENT_KIND']._serialized_start=1575
-  _globals['_CHECKEVENT_KIND']._serialized_end=1656
-  _globals['_LISTKEYSREQUEST']._serialized_start=1658
-  _globals['_LISTKEYSREQUEST']._serialized_end=1675
-  _globals['_UPDATEKEYSREQUEST']._serialized_start=1677
-  _globals['_UPDATEKEYSREQUEST']._serialized_end=1735
-  _globals['_UPDATEKEYSRESPONSE']._serialized_start=1737
-  _globals['_UPDATEKEYSRESPONSE']._serialized_end=1774
-  _globals['_ADMINSERVICE']._serialized_start=1777
-  _globals['_ADMINSERVICE']._serialized_end=3056
+  _globals['_CANCELJOBREQUEST']._serialized_start=1045
+  _globals['_CANCELJOBREQUEST']._serialized_end=1079
+  _globals['_LISTJOBSREQUEST']._serialized_start=1081
+  _globals['_LISTJOBSREQUEST']._serialized_end=1128
+  _globals['_LISTJOBSRESPONSE']._serialized_start=1130
+  _globals['_LISTJOBSRESPONSE']._serialized_end=1184
+  _globals['_LISTSNAPSHOTSREQUEST']._serialized_start=1186
+  _globals['_LISTSNAPSHOTSREQUEST']._serialized_end=1239
+  _globals['_LISTSNAPSHOTSRESPONSE']._serialized_start=1241
+  _globals['_LISTSNAPSHOTSRESPONSE']._serialized_end=1310
+  _globals['_GETSNAPSHOTREQUEST']._serialized_start=1312
+  _globals['_GETSNAPSHOTREQUEST']._serialized_end=1353
+  _globals['_READBLOBSREQUEST']._serialized_start=1355
+  _globals['_READBLOBSREQUEST']._serialized_end=1386
+  _globals['_CHECKREQUEST']._serialized_start=1388
+  _globals['_CHECKREQUEST']._serialized_end=1448
+  _globals['_CHECKEVENT']._serialized_start=1451
+  _globals['_CHECKEVENT']._serialized_end=1692
+  _globals['_CHECKEVENT_KIND']._serialized_start=1611
+  _globals['_CHECKEVENT_KIND']._serialized_end=1692
+  _globals['_LISTKEYSREQUEST']._serialized_start=1694
+  _globals['_LISTKEYSREQUEST']._serialized_end=1711
+  _globals['_UPDATEKEYSREQUEST']._serialized_start=1713
+  _globals['_UPDATEKEYSREQUEST']._serialized_end=1771
+  _globals['_UPDATEKEYSRESPONSE']._serialized_start=1773
+  _globals['_UPDATEKEYSRESPONSE']._serialized_end=1810
+  _globals['_ADMINSERVICE']._serialized_start=1813
+  _globals['_ADMINSERVICE']._serialized_end=3158
 # @@protoc_insertion_point(module_scope)

@@ -86,6 +86,11 @@ class AdminServiceStub:
                 request_serializer=protos_dot_clawback_dot_v1_dot_admin__pb2.GetJobRequest.SerializeToString,
                 response_deserializer=protos_dot_clawback_dot_v1_dot_common__pb2.JobInfo.FromString,
                 _registered_method=True)
+        self.CancelJob = channel.unary_unary(
+                '/clawback.v1.AdminService/CancelJob',
+                request_serializer=protos_dot_clawback_dot_v1_dot_admin__pb2.CancelJobRequest.SerializeToString,
+                response_deserializer=protos_dot_clawback_dot_v1_dot_common__pb2.JobInfo.FromString,
+                _registered_method=True)
         self.ListSnapshots = channel.unary_unary(
                 '/clawback.v1.AdminService/ListSnapshots',
                 request_serializer=protos_dot_clawback_dot_v1_dot_admin__pb2.ListSnapshotsRequest.SerializeToString,
@@ -191,6 +196,14 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CancelJob(self, request, context):
+        """Ask the agent running a job to stop it; the job ends CANCELLED when the agent says so.
+        A job that has ended is returned as it is.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListSnapshots(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -288,6 +301,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
             'WatchJob': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchJob,
                     request_deserializer=protos_dot_clawback_dot_v1_dot_admin__pb2.GetJobRequest.FromString,
+                    response_serializer=protos_dot_clawback_dot_v1_dot_common__pb2.JobInfo.SerializeToString,
+            ),
+            'CancelJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelJob,
+                    request_deserializer=protos_dot_clawback_dot_v1_dot_admin__pb2.CancelJobRequest.FromString,
                     response_serializer=protos_dot_clawback_dot_v1_dot_common__pb2.JobInfo.SerializeToString,
             ),
             'ListSnapshots': grpc.unary_unary_rpc_method_handler(
@@ -595,6 +613,33 @@ class AdminService:
             target,
             '/clawback.v1.AdminService/WatchJob',
             protos_dot_clawback_dot_v1_dot_admin__pb2.GetJobRequest.SerializeToString,
+            protos_dot_clawback_dot_v1_dot_common__pb2.JobInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clawback.v1.AdminService/CancelJob',
+            protos_dot_clawback_dot_v1_dot_admin__pb2.CancelJobRequest.SerializeToString,
             protos_dot_clawback_dot_v1_dot_common__pb2.JobInfo.FromString,
             options,
             channel_credentials,

@@ -51,6 +51,10 @@ class AdminServiceStub:
     ListJobs: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListJobsRequest, _admin_pb2.ListJobsResponse]
     WatchJob: _grpc.UnaryStreamMultiCallable[_admin_pb2.GetJobRequest, _common_pb2.JobInfo]
     """Sends the job now and at every change until it ends."""
+    CancelJob: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CancelJobRequest, _common_pb2.JobInfo]
+    """Ask the agent running a job to stop it; the job ends CANCELLED when the agent says so.
+    A job that has ended is returned as it is.
+    """
     ListSnapshots: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListSnapshotsRequest, _admin_pb2.ListSnapshotsResponse]
     GetSnapshot: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetSnapshotRequest, _common_pb2.SnapshotInfo]
     ReadBlobs: _grpc.UnaryStreamMultiCallable[_admin_pb2.ReadBlobsRequest, _agent_pb2.DownloadResponse]
@@ -83,6 +87,10 @@ class AdminServiceAsyncStub(AdminServiceStub):
     ListJobs: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListJobsRequest, _admin_pb2.ListJobsResponse]  # type: ignore[assignment]
     WatchJob: _aio.UnaryStreamMultiCallable[_admin_pb2.GetJobRequest, _common_pb2.JobInfo]  # type: ignore[assignment]
     """Sends the job now and at every change until it ends."""
+    CancelJob: _aio.UnaryUnaryMultiCallable[_admin_pb2.CancelJobRequest, _common_pb2.JobInfo]  # type: ignore[assignment]
+    """Ask the agent running a job to stop it; the job ends CANCELLED when the agent says so.
+    A job that has ended is returned as it is.
+    """
     ListSnapshots: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListSnapshotsRequest, _admin_pb2.ListSnapshotsResponse]  # type: ignore[assignment]
     GetSnapshot: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetSnapshotRequest, _common_pb2.SnapshotInfo]  # type: ignore[assignment]
     ReadBlobs: _aio.UnaryStreamMultiCallable[_admin_pb2.ReadBlobsRequest, _agent_pb2.DownloadResponse]  # type: ignore[assignment]
@@ -172,6 +180,16 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_common_pb2.JobInfo], _abc.AsyncIterator[_common_pb2.JobInfo]]:
         """Sends the job now and at every change until it ends."""
+
+    @_abc_1.abstractmethod
+    def CancelJob(
+        self,
+        request: _admin_pb2.CancelJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_common_pb2.JobInfo, _abc.Awaitable[_common_pb2.JobInfo]]:
+        """Ask the agent running a job to stop it; the job ends CANCELLED when the agent says so.
+        A job that has ended is returned as it is.
+        """
 
     @_abc_1.abstractmethod
     def ListSnapshots(
