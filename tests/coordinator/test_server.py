@@ -965,3 +965,46 @@ async def test_cancel_job_refusals(env: Env) -> None:
         ),
         grpc.StatusCode.PERMISSION_DENIED,
     )
+
+
+async def test_an_agent_that_falls_silent_is_disconnected_and_its_jobs_fail(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """design.md §Control stream: three silent heartbeat intervals end the stream. A node that
+    dies without closing its connection (power loss, a cut link) looks like this. The
+    interval here is 5 s; the number of intervals is shortened to keep the test short."""
+    from coordinator import server as server_mod
+
+    monkeypatch.setattr(server_mod, "SILENT_INTERVALS", 0.2)  # 1 s of silence
+    await init_repo(env)
+    admin = env.admin()
+    # Heartbeats keep a session alive past the silence limit.
+    call, _ = await connect(env)
+    for _ in range(8):
+        await asyncio.sleep(0.25)
+        await call.write(agent_pb2.AgentMessage(heartbeat=agent_pb2.Heartbeat(sent_ns=1)))
+    listed = (await admin.ListAgents(admin_pb2.ListAgentsRequest())).agents
+    assert [a.connected for a in listed if a.name == "node1"] == [True]
+    [job] = (await admin.StartBackup(admin_pb2.StartBackupRequest(agent="node1"))).jobs
+    assert (await asyncio.wait_for(call.read(), TIMEOUT)).command.job_id == job.id
+    await call.write(
+        agent_pb2.AgentMessage(
+            job_update=agent_pb2.JobUpdate(job_id=job.id, state=common_pb2.JOB_STATE_RUNNING)
+        )
+    )
+    # Then nothing: the coordinator ends the stream, says why, and fails the job.
+    await expect_code(call.read(), grpc.StatusCode.UNAVAILABLE, "no heartbeat for 1.0 s")
+    got = await admin.GetJob(admin_pb2.GetJobRequest(job_id=job.id))
+    for _ in range(50):
+        if got.state == common_pb2.JOB_STATE_FAILED:
+            break
+        await asyncio.sleep(0.05)
+        got = await admin.GetJob(admin_pb2.GetJobRequest(job_id=job.id))
+    assert (got.state, got.error) == (common_pb2.JOB_STATE_FAILED, "agent disconnected")
+    listed = (await admin.ListAgents(admin_pb2.ListAgentsRequest())).agents
+    assert [a.connected for a in listed if a.name == "node1"] == [False]
+    await expect_code(
+        admin.StartBackup(admin_pb2.StartBackupRequest(agent="node1")),
+        grpc.StatusCode.UNAVAILABLE,
+        "not connected",
+    )
