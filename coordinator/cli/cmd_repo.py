@@ -85,8 +85,8 @@ def setup(
         "--paged-chunker",
         choices=PAGED_CHUNKERS,
         default="",
-        help="chunker for database-like files (none: every file content-defined); without "
-        "--paged-files the default patterns come with it",
+        help="chunker for database-like files (none: every file content-defined); the default "
+        "patterns and formats come with it unless --paged-files/--paged-formats say otherwise",
     )
     set_.add_argument(
         "--paged-files",
