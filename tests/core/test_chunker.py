@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from core.chunker import CHUNKERS, Chunker, ChunkPolicy, params
+from core.chunker import CHUNKERS, Chunker, ChunkPolicy, _BlockPool, params
 from core.errors import ConfigError
 from core.format import DEFAULT_PAGED_FILES, DEFAULT_PAGED_FORMATS, RepoConfig
 
@@ -103,18 +103,34 @@ def _chunks(c: Chunker, data: bytes) -> list[memoryview]:
 def test_views_stay_valid_while_held_and_blocks_are_reused_after() -> None:
     c = Chunker(params("fastcdc-256k"))
     c.read_size = 2 * c.params.max_size
-    files = [os.urandom(5 * 1024 * 1024) for _ in range(3)]
+    rnd = random.Random(11)
+    files = [rnd.randbytes(5 * 1024 * 1024) for _ in range(3)]
     held: list[list[memoryview]] = []
     for data in files:  # all views of all three files held at once: no block is written twice
         held.append(_chunks(c, data))
     for data, views in zip(files, held, strict=True):
         assert b"".join(bytes(v) for v in views) == data
     created = c.pool.created
+    # A 5 MiB file takes 3 or 4 blocks of 2 MiB (where the carried tails fall); keep every
+    # released block so that reuse, not the idle trim, is what this measures.
+    c.pool.idle = created
     del held, views
     for data in files:  # released: the same blocks serve the next files
         assert b"".join(bytes(v) for v in _chunks(c, data)) == data
     assert c.pool.created == created
     assert len(c.pool) <= created
+
+
+def test_a_pool_unmaps_free_blocks_beyond_its_idle_allowance() -> None:
+    pool = _BlockPool(idle=1)
+    held = [memoryview(pool.take(4096)) for _ in range(4)]
+    assert pool.created == 4 and len(pool) == 4
+    del held
+    block = pool.take(4096)  # one reused, one kept idle, two unmapped
+    assert pool.created == 4 and len(pool) == 2
+    view = memoryview(block)  # a block with a live view is never handed out again
+    assert pool.take(4096) is not block
+    view.release()
 
 
 def test_files_read_whole_keep_their_bytes_and_take_no_pool_block() -> None:
