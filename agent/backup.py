@@ -218,6 +218,10 @@ class _Tally:
         self.notes: list[str] = []  # warnings that do not drop the entry
 
 
+# The walk looks for the run's error before each directory and every 1,024 entries in one.
+STOP_CHECK_MASK = 1023
+
+
 class _Stop(Exception):
     """Raised in a stage-2 thread that waits while the run has failed: unwinds it quietly."""
 
@@ -609,7 +613,9 @@ class _Backup:
             try:
                 with os.scandir(fd) as it:
                     listing = [(os.fsencode(e.name), e) for e in it]
-                for name, e in listing:
+                for i, (name, e) in enumerate(listing):
+                    if not i & STOP_CHECK_MASK and i and work.error is not None:
+                        raise _Stop  # within a large directory too
                     try:
                         est = e.stat(follow_symlinks=False)
                     except OSError as exc:

@@ -635,6 +635,50 @@ async def test_a_refused_upload_fails_the_run_and_stops_every_thread(
     assert env.repo.store.catalog.list_snapshots() == []
 
 
+async def test_a_cancelled_backup_stops_walking_inside_a_large_directory(
+    env: Env, workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelling the run stops the walk within 1,024 entries, not at the end of a directory
+    of millions."""
+    import threading
+
+    from agent import backup as backup_mod
+
+    src = workdir / "src"
+    (src / "d").mkdir(parents=True)
+    for i in range(5000):
+        (src / "d" / f"f{i}").touch()
+    calls = 0
+    reached, go, walked = threading.Event(), threading.Event(), threading.Event()
+    real_node, real_walk = backup_mod.node_from_stat, backup_mod._Backup.walk
+
+    def node(*a: object, **kw: object) -> object:
+        nonlocal calls
+        calls += 1
+        if calls == 50:
+            reached.set()
+            go.wait(30)
+        return real_node(*a, **kw)  # type: ignore[arg-type]
+
+    def walk(self: object, emit: object) -> object:
+        try:
+            return real_walk(self, emit)  # type: ignore[arg-type]
+        finally:
+            walked.set()
+
+    monkeypatch.setattr(backup_mod, "node_from_stat", node)
+    monkeypatch.setattr(backup_mod._Backup, "walk", walk)
+    task = asyncio.ensure_future(backup(env, src))
+    assert await asyncio.to_thread(reached.wait, 30)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    go.set()
+    assert await asyncio.to_thread(walked.wait, 30)
+    assert 50 <= calls <= backup_mod.STOP_CHECK_MASK + 3, calls  # the root, d, 1,024 in d
+    assert env.repo.store.catalog.list_snapshots() == []
+
+
 async def test_many_small_files(env: Env, workdir: Path) -> None:
     """10,000 tiny files: all backed up, none read again when unchanged, all restored
     (how fast is bench/'s to measure, not a test's)."""

@@ -3,6 +3,7 @@ memory, and what a failure leaves behind (design.md §Trees, §Blob traffic)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import random
@@ -11,7 +12,7 @@ import resource
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,8 @@ class BatchRepo:
     batch_bytes: int = 300_000
     drop: frozenset[bytes] = frozenset()  # ids the "coordinator" never returns
     fail_after: int = -1  # batches served before the stream breaks
+    stall_after: int = -1  # batches served before the stream stalls (until cancelled)
+    stalled: asyncio.Event = field(default_factory=asyncio.Event)  # set when it does
     shuffle: int | None = None  # a seed: the blobs come back in a random order, not pack order
 
     async def _blobs(self, job_id: str, ids: Sequence[bytes]) -> AsyncIterator[Blob]:
@@ -90,6 +93,9 @@ class BatchRepo:
             if size >= self.batch_bytes:
                 if served == self.fail_after:
                     raise TransportError("download: stream cut")
+                if served == self.stall_after:
+                    self.stalled.set()
+                    await asyncio.Event().wait()
                 yield batch
                 served += 1
                 batch, size = [], 0
@@ -189,6 +195,49 @@ async def test_a_broken_stream_leaves_no_partial_file(env: Env, workdir: Path) -
             p = Path(dirpath) / n
             if p.is_file() and not p.is_symlink():
                 assert p.read_bytes() == (src / p.relative_to(dst)).read_bytes(), p
+
+
+async def test_a_cancelled_restore_removes_its_partial_files_and_lets_go_of_them(
+    env: Env, workdir: Path
+) -> None:
+    """`clawback job ID --cancel` cancels the agent's restore task: files it had finished
+    stay, whole; the ones it was writing are closed and removed."""
+    src = workdir / "src"
+    big_tree(src)
+    r = await backup(env, src)
+    dst = workdir / "dst"
+    repo = BatchRepo(env.repo, batch_bytes=50_000, stall_after=8)
+    task = asyncio.ensure_future(restore(env, repo, r.info, dst))
+    await asyncio.wait_for(repo.stalled.wait(), 30)
+
+    def partial() -> set[str]:
+        return {
+            p.name
+            for p in dst.glob("big*")
+            if p.stat().st_size < 3 * MIB or p.read_bytes() != (src / p.name).read_bytes()
+        }
+
+    for _ in range(200):  # the blobs before the stall are written meanwhile
+        if partial():
+            break
+        await asyncio.sleep(0.05)
+    cut = partial()
+    assert cut, "no file was partly written when the restore was cancelled"
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not cut & {p.name for p in dst.glob("big*")}
+    for p in dst.rglob("*"):
+        if p.is_file() and not p.is_symlink():
+            assert p.read_bytes() == (src / p.relative_to(dst)).read_bytes(), p
+    held = []
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            if str(fd.readlink()).startswith(str(dst)):
+                held.append(fd)
+        except OSError:
+            continue
+    assert held == []
 
 
 def test_groups_bound_the_plaintext_in_flight() -> None:
