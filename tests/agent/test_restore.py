@@ -217,11 +217,15 @@ async def test_a_cancelled_restore_removes_its_partial_files_and_lets_go_of_them
             if p.stat().st_size < 3 * MIB or p.read_bytes() != (src / p.name).read_bytes()
         }
 
-    for _ in range(200):  # the blobs before the stall are written meanwhile
-        if partial():
+    # The blobs served before the stall are written meanwhile: wait until that settles
+    # (the same files partly written in three looks 0.1 s apart).
+    looks: list[set[str]] = []
+    for _ in range(300):
+        looks = [*looks[-2:], partial()]
+        if len(looks) == 3 and looks[0] and looks[0] == looks[1] == looks[2]:
             break
-        await asyncio.sleep(0.05)
-    cut = partial()
+        await asyncio.sleep(0.1)
+    cut = looks[-1]
     assert cut, "no file was partly written when the restore was cancelled"
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
