@@ -2,7 +2,7 @@
 
     python -m bench.ab --variant NAME[:SETTING[,SETTING...]] --variant ... [--step restore]
                        [--rounds 3] [--size 2G] [--seed 1] [--peer restic] [--no-verify]
-                       [--workdir /var/tmp/clawback-ab] [--json FILE]
+                       [--workdir /var/tmp/clawback-ab] [--json FILE] [--keep-processes]
 
 This machine's speed drifts by 20-40 % within an hour (docs/performance.md), more than
 most single changes are worth, so two variants measured in separate runs cannot be told
@@ -20,9 +20,11 @@ A SETTING is one of:
   their PYTHONPATH): `--variant old:@/var/tmp/main-before --variant new` compares two
   versions of the code on the same cluster and data.
 
-Processes whose settings differ from what runs are restarted with the variant's config (a
-process that is restarted has a fresh heap: compare peak RSS between variants with that in
-mind). Steps:
+Before every measurement of the `restore` and `backup-unchanged` steps the coordinator and
+the agent are restarted with the variant's config and code, so that every variant starts on
+fresh processes: when only a change of variant restarted them, the round's first variant ran
+on the processes that had just done the previous measurement and the second on fresh ones,
+and in a restore A/B the first position cost ~8-12 % (docs/performance.md, eleventh pass). `--keep-processes` restarts only what a change of variant needs. Steps:
 
 - `restore`: one backup, then each measurement restores it onto a fresh file system (as
   `bench.run` does, the repository warmed first) and verifies it byte for byte;
@@ -232,11 +234,12 @@ class _Clawback:
         self.running = Variant("(default)")
         self.apply(v)
 
-    def apply(self, v: Variant) -> None:
-        """Restart what runs differently under `v` than now, with v's config and code."""
+    def apply(self, v: Variant, fresh: bool = False) -> None:
+        """Restart what runs differently under `v` than now (everything if `fresh`), with v's
+        config and code."""
         assert self.running is not None
         c = self.tool.cluster
-        restart = set(PROCESSES) if v.tree != self.running.tree else set()
+        restart = set(PROCESSES) if fresh or v.tree != self.running.tree else set()
         for proc in PROCESSES:
             mine = {k: val for k, val in v.settings.items() if k[0] == proc}
             theirs = {k: val for k, val in self.running.settings.items() if k[0] == proc}
@@ -336,8 +339,10 @@ def run(
     peer: str | None = None,
     verify: bool = True,
     log: Callable[[str], None] = print,
+    fresh: bool = True,
 ) -> list[Sample]:
-    """Measure `step` for every variant (and `peer`) in each of `rounds` rounds."""
+    """Measure `step` for every variant (and `peer`) in each of `rounds` rounds; `fresh`:
+    restart the processes before every measurement (see the module's docstring)."""
     if step not in STEPS:
         raise AbError(f"unknown step {step!r} (one of {', '.join(STEPS)})")
     names = [v.name for v in variants]
@@ -403,7 +408,7 @@ def run(
                     note(_changed(cw.tool, source, seed, nbytes, v.name, rnd))
                     cw.discard()
                     continue
-                cw.apply(v)
+                cw.apply(v, fresh=fresh)
                 if step == "backup-unchanged":
                     warm(data)
                     note(_sample(v.name, rnd, measure(cw.tool, step, cw.tool.backup, nbytes)))
@@ -468,6 +473,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-verify", action="store_true", help="restores are not compared")
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     parser.add_argument("--json", type=Path, help="write every sample here")
+    parser.add_argument(
+        "--keep-processes",
+        action="store_true",
+        help="restart processes only when the variant changes, not before every measurement",
+    )
     args = parser.parse_args(argv)
     try:
         variants = [parse_variant(v) for v in args.variant]
@@ -482,6 +492,7 @@ def main(argv: list[str] | None = None) -> int:
             args.seed,
             peer=args.peer,
             verify=not args.no_verify,
+            fresh=not args.keep_processes,
         )
     except AbError as exc:
         print(f"error: {exc}", file=sys.stderr)
