@@ -50,6 +50,7 @@ import shutil
 import stat
 import struct
 import sys
+import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -104,6 +105,29 @@ _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOE
 _REOPEN_FLAGS = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 Rel = tuple[bytes, ...]
+
+_switch_lock = threading.Lock()
+_switch_users = 0  # restores running in this process
+_switch_saved = 0.0  # the interval before the first of them started
+
+
+@contextlib.contextmanager
+def _fast_switching() -> Iterator[None]:
+    """SWITCH_INTERVAL while at least one restore runs; the process's own interval again
+    once the last one ends, in whatever order overlapping restores end."""
+    global _switch_users, _switch_saved
+    with _switch_lock:
+        if _switch_users == 0:
+            _switch_saved = sys.getswitchinterval()
+            sys.setswitchinterval(min(_switch_saved, SWITCH_INTERVAL))
+        _switch_users += 1
+    try:
+        yield
+    finally:
+        with _switch_lock:
+            _switch_users -= 1
+            if _switch_users == 0:
+                sys.setswitchinterval(_switch_saved)
 
 
 @dataclass
@@ -1182,12 +1206,8 @@ class _Restore:
     # -- the run ---------------------------------------------------------------------------------
 
     async def run(self) -> RestoreResult:
-        previous = sys.getswitchinterval()
-        sys.setswitchinterval(min(previous, SWITCH_INTERVAL))
-        try:
+        with _fast_switching():
             return await self._run()
-        finally:
-            sys.setswitchinterval(previous)
 
     async def _run(self) -> RestoreResult:
         loop = asyncio.get_running_loop()

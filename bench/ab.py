@@ -22,9 +22,10 @@ A SETTING is one of:
 
 Before every measurement of the `restore` and `backup-unchanged` steps the coordinator and
 the agent are restarted with the variant's config and code, so that every variant starts on
-fresh processes: when only a change of variant restarted them, the round's first variant ran
-on the processes that had just done the previous measurement and the second on fresh ones,
-and in a restore A/B the first position cost ~8-12 % (docs/performance.md, eleventh pass). `--keep-processes` restarts only what a change of variant needs. Steps:
+fresh processes. When only a change of variant restarted them, the round's first variant
+ran on the processes that had just done the previous measurement and the second on fresh
+ones; in a restore A/B the first position cost ~8-12 % (docs/performance.md, eleventh
+pass). `--keep-processes` restarts only what a change of variant needs. Steps:
 
 - `restore`: one backup, then each measurement restores it onto a fresh file system (as
   `bench.run` does, the repository warmed first) and verifies it byte for byte;
