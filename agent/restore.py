@@ -49,8 +49,6 @@ import resource
 import shutil
 import stat
 import struct
-import sys
-import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -59,6 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.backup import check_key
+from agent.gil import switch_interval
 from agent.progress import ProgressReporter
 from agent.repo import RepoClient
 from agent.tree import (
@@ -105,29 +104,6 @@ _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOE
 _REOPEN_FLAGS = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 Rel = tuple[bytes, ...]
-
-_switch_lock = threading.Lock()
-_switch_users = 0  # restores running in this process
-_switch_saved = 0.0  # the interval before the first of them started
-
-
-@contextlib.contextmanager
-def _fast_switching() -> Iterator[None]:
-    """SWITCH_INTERVAL while at least one restore runs; the process's own interval again
-    once the last one ends, in whatever order overlapping restores end."""
-    global _switch_users, _switch_saved
-    with _switch_lock:
-        if _switch_users == 0:
-            _switch_saved = sys.getswitchinterval()
-            sys.setswitchinterval(min(_switch_saved, SWITCH_INTERVAL))
-        _switch_users += 1
-    try:
-        yield
-    finally:
-        with _switch_lock:
-            _switch_users -= 1
-            if _switch_users == 0:
-                sys.setswitchinterval(_switch_saved)
 
 
 @dataclass
@@ -1206,7 +1182,7 @@ class _Restore:
     # -- the run ---------------------------------------------------------------------------------
 
     async def run(self) -> RestoreResult:
-        with _fast_switching():
+        with switch_interval(SWITCH_INTERVAL):
             return await self._run()
 
     async def _run(self) -> RestoreResult:

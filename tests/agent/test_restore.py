@@ -244,25 +244,6 @@ async def test_a_cancelled_restore_removes_its_partial_files_and_lets_go_of_them
     assert held == []
 
 
-def test_the_switch_interval_comes_back_when_the_last_of_overlapping_restores_ends() -> None:
-    """Restores that overlap (two jobs, or one ending while the next starts) leave the
-    process's interval as it was, whichever ends first: before, the last to end put back
-    the interval it had found, which was the first one's."""
-    before = sys.getswitchinterval()
-    assert before > restore_mod.SWITCH_INTERVAL
-    a, b = restore_mod._fast_switching(), restore_mod._fast_switching()
-    a.__enter__()
-    b.__enter__()
-    assert sys.getswitchinterval() == restore_mod.SWITCH_INTERVAL
-    a.__exit__(None, None, None)  # the first ends while the second runs
-    assert sys.getswitchinterval() == restore_mod.SWITCH_INTERVAL
-    b.__exit__(None, None, None)
-    assert sys.getswitchinterval() == before
-    with pytest.raises(RuntimeError), restore_mod._fast_switching():
-        raise RuntimeError("a failed restore")
-    assert sys.getswitchinterval() == before
-
-
 def test_groups_bound_the_plaintext_in_flight() -> None:
     r = restore_mod._Restore.__new__(restore_mod._Restore)
     r.uses = {bytes([i]) * 32: s for i, s in enumerate([5, 5, 5, 20, 1, 1])}
