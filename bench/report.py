@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,14 @@ def markdown(report: dict[str, Any]) -> str:
             + " | ".join(cells)
             + f" | {_x(r['vs_faster']['wall'])} ({r['faster_peer']}) | <= {target:.2f}x {verdict} |"
         )
+    paired = _paired(summary, ratios)
+    if paired:
+        out.append("")
+        out.append(
+            f"Paired per repetition ({SUBJECT} ÷ the faster peer in the same repetition): "
+            + "; ".join(paired)
+            + "."
+        )
     for step in STEPS:
         b = ratios.get(step, {}).get("vs_bound")
         if b:
@@ -89,6 +98,27 @@ def markdown(report: dict[str, Any]) -> str:
                 f"wall {_x(b['wall'])}, CPU {_x(b['cpu'])}."
             )
     return "\n".join(out)
+
+
+def _paired(summary: dict[str, dict[str, dict[str, Any]]], ratios: dict[str, Any]) -> list[str]:
+    """Per step, the subject's wall time ÷ the faster peer's in each repetition, and their
+    median: the machine's drift between repetitions cancels out of each ratio, which the
+    ratio of medians does not do."""
+    out = []
+    for step in STEPS:
+        peer = ratios.get(step, {}).get("faster_peer")
+        mine = summary.get(SUBJECT, {}).get(step)
+        theirs = summary.get(peer, {}).get(step) if peer else None
+        if not mine or not theirs:
+            continue
+        a, b = mine["wall_s_samples"], theirs["wall_s_samples"]
+        if len(a) != len(b) or not all(b):
+            continue
+        each = [x / y for x, y in zip(a, b, strict=True)]
+        out.append(
+            f"{step} {' / '.join(f'{r:.2f}' for r in each)} (median {statistics.median(each):.2f}x)"
+        )
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
