@@ -181,6 +181,13 @@ async def test_a_blob_never_returned_fails_only_its_files(env: Env, workdir: Pat
     assert (workdir / "dst" / "big2").read_bytes() == (src / "big2").read_bytes()
 
 
+def assert_only_whole_files(src: Path, dst: Path) -> None:
+    """What a stopped restore finished is whole; nothing half-written stays under any name."""
+    for p in dst.rglob("*"):
+        if p.is_file() and not p.is_symlink():
+            assert p.read_bytes() == (src / p.relative_to(dst)).read_bytes(), p
+
+
 async def test_a_broken_stream_leaves_no_partial_file(env: Env, workdir: Path) -> None:
     src = workdir / "src"
     big_tree(src)
@@ -189,12 +196,7 @@ async def test_a_broken_stream_leaves_no_partial_file(env: Env, workdir: Path) -
     repo = BatchRepo(env.repo, batch_bytes=50_000, fail_after=5)
     with pytest.raises(TransportError):
         await restore(env, repo, r.info, dst)
-    # What was finished is whole; nothing half-written stays behind under any name.
-    for dirpath, _, names in os.walk(dst):
-        for n in names:
-            p = Path(dirpath) / n
-            if p.is_file() and not p.is_symlink():
-                assert p.read_bytes() == (src / p.relative_to(dst)).read_bytes(), p
+    assert_only_whole_files(src, dst)
 
 
 async def test_a_cancelled_restore_removes_its_partial_files_and_lets_go_of_them(
@@ -231,9 +233,7 @@ async def test_a_cancelled_restore_removes_its_partial_files_and_lets_go_of_them
     with pytest.raises(asyncio.CancelledError):
         await task
     assert not cut & {p.name for p in dst.glob("big*")}
-    for p in dst.rglob("*"):
-        if p.is_file() and not p.is_symlink():
-            assert p.read_bytes() == (src / p.relative_to(dst)).read_bytes(), p
+    assert_only_whole_files(src, dst)
     held = []
     for fd in Path("/proc/self/fd").iterdir():
         try:
